@@ -1,0 +1,1 @@
+"""qgis_plugin"""
