@@ -1,0 +1,1 @@
+"""Two-stage TerraScope training (RES pretraining, Terra-CoT SFT); entry point ``model.train``."""
