@@ -25,8 +25,8 @@ from worker.measure import (
     Georef,
     MaskMeasurements,
     RasterError,
-    mask_polygons,
     measure_mask,
+    object_polygons,
     polygon_measurements,
 )
 
@@ -176,7 +176,7 @@ def _step_layer(step: int, mask: np.ndarray, georef: Georef, label: str, score: 
                 geotiff: str | None) -> Any:
     import geopandas as gpd
 
-    polys = mask_polygons(mask, georef)
+    polys = object_polygons(mask, georef)
     per = polygon_measurements(polys, georef)
     metric = georef.crs_wkt is not None and all(math.isfinite(a) for a, _ in per)
     rows = {
@@ -255,9 +255,9 @@ def write_results(
         meta = {"terrascope_question": question[:4000], "terrascope_answer": answer_row["answer"][:4000]}
         warnings.filterwarnings("ignore", message="'crs' was not provided", category=UserWarning)
         for layer, label, gdf in frames:
-            pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG", geometry_type="Polygon",
+            pyogrio.write_dataframe(gdf, tmp, layer=layer, driver="GPKG", geometry_type="MultiPolygon",
                                     layer_metadata={**meta, "terrascope_label": label[:4000]},
-                                    promote_to_multi=False)
+                                    promote_to_multi=True)
         pyogrio.write_dataframe(pd.DataFrame([answer_row]), tmp, layer=ANSWERS_TABLE, driver="GPKG",
                                 layer_metadata=meta)
 
