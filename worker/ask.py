@@ -1,0 +1,175 @@
+"""``terrascope ask``: one question about one or more rasters, streamed, with result files.
+
+With ``--endpoint`` the CLI reads the rasters itself (decimated reads) and sends arrays to that
+worker. Without it, a worker runs in this process on a private ipc endpoint - the same service
+code path - and the CLI hands it the file paths (only those folders are allow-listed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from qgis_plugin import protocol as P
+from qgis_plugin.client import WorkerClient, WorkerError
+from worker.cli import EXIT_USAGE, CliError, _client, model_loader, private_endpoint, resolve_model
+
+#: Worker error codes caused by the input (exit 2 like other usage errors), not by the worker.
+INPUT_ERRORS = {P.BAD_RASTER, P.BAD_FIELD, P.MISSING_FIELD, P.BAD_ARRAY, P.TOO_LARGE, P.PATH_NOT_ALLOWED}
+
+
+def _roles(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    paths = [Path(p) for p in args.images]
+    if args.sar and len(paths) > 1:
+        raise CliError("--sar pairs with one optical IMAGE; several IMAGEs form a time series")
+    items = [(p, f"t{i}" if len(paths) > 1 else "optical") for i, p in enumerate(paths)]
+    if args.sar:
+        items.append((Path(args.sar), "sar"))
+    for p, _ in items:
+        if not p.is_file():
+            raise CliError(f"{p}: no such file")
+    return items
+
+
+def _remote_payloads(items: list[tuple[Path, str]], max_side: int) -> list[P.RasterPayload]:
+    from worker.measure import RasterError
+    from worker.raster import read_raster
+
+    out = []
+    for path, role in items:
+        try:
+            data, georef, nodata, names = read_raster(str(path), max_side=max_side)
+        except RasterError as exc:
+            raise CliError(f"{path}: {exc.message}") from None
+        out.append(P.RasterPayload(data=data, geotransform=list(georef.to_gdal()), crs_wkt=georef.crs_wkt,
+                                   nodata=nodata, band_names=names, role=role))
+    return out
+
+
+class _Printer:
+    """Streams tokens and mask lines to a terminal stream; collects mask events for the files."""
+
+    def __init__(self, stream: Any | None):
+        self.stream = stream
+        self.masks: list[tuple[dict, np.ndarray]] = []
+
+    def __call__(self, ev: dict, arrays: dict) -> None:
+        name = ev.get("event")
+        if name == "token" and self.stream is not None:
+            self.stream.write(ev.get("text", ""))
+            self.stream.flush()
+        elif name == "mask":
+            self.masks.append((ev, arrays["mask"]))
+            if self.stream is not None:
+                m = ev.get("measurements") or {}
+                self.stream.write(f" «mask {ev['step'] + 1}: {ev.get('label') or '?'} — {_fmt(m)}» ")
+                self.stream.flush()
+
+
+def _fmt(m: dict) -> str:
+    if m.get("area_ha") is not None:
+        return f"{m['area_ha']:.2f} ha, {m.get('coverage_pct', 0):.1f}% of valid area, {m.get('count', 0)} objects"
+    if "area_px" in m:
+        return f"{m['area_px']} px, {m.get('coverage_pct', 0):.1f}%, {m.get('count', 0)} objects (no CRS)"
+    return m.get("note", "no measurement")
+
+
+def _write(out: str, question: str, done: dict, masks: list[tuple[dict, np.ndarray]]) -> dict:
+    from worker.measure import Georef
+    from worker.output import write_results
+
+    steps = []
+    for ev, mask in masks:
+        grid = ev["grid"]
+        georef = Georef.from_gdal(grid["geotransform"], grid.get("crs_wkt"))
+        steps.append((mask, georef, ev.get("label") or "", float(ev.get("score") or 0.0), int(ev.get("image", 0)),
+                      ev.get("measurements")))
+    return write_results(out, question, done, steps)
+
+
+def run_ask(args: argparse.Namespace) -> int:
+    items = _roles(args)
+    settings = {"max_new_tokens": args.max_new_tokens}
+    service, tmp = None, None
+    if args.endpoint:
+        header, arrays = P.build_ask(args.question, _remote_payloads(items, args.max_side), args.option or None,
+                                     settings, measure_grounding=args.ground)
+        client = _client(args)
+    else:
+        from worker.service import ServiceConfig, WorkerService
+
+        model = resolve_model(args.model)
+        endpoint, tmp = private_endpoint()
+        folders = sorted({str(p.resolve().parent) for p, _ in items})
+        config = ServiceConfig(endpoint=endpoint, allow_paths=[Path(f) for f in folders], max_side=args.max_side,
+                               model_label=model, max_queue=1)
+        service = WorkerService(config, model_loader(model, args.device, args.dtype))
+        endpoint = service.start()
+        images = [{"path": str(p.resolve()), "role": role} for p, role in items]
+        header = P.request("ask", question=args.question, images=images, settings=settings,
+                           measure_grounding=bool(args.ground))
+        if args.option:
+            header["options"] = list(args.option)
+        arrays = {}
+        client = WorkerClient(endpoint, timeout_s=max(args.timeout, 5.0))
+    stream = None if args.json else sys.stdout
+    if args.json and sys.stderr.isatty():
+        stream = sys.stderr
+    printer = _Printer(stream)
+    try:
+        with client:
+            try:
+                done = client.ask(header, arrays, on_event=printer)
+            except WorkerError as exc:
+                if exc.code in INPUT_ERRORS:
+                    raise CliError(f"{exc.message} [{exc.code}]", EXIT_USAGE) from None
+                raise
+    finally:
+        if service is not None:
+            service.stop()
+            service.wait(15)
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    files = _write(args.out, args.question, done, printer.masks) if args.out else None
+    _report(args, done, printer.masks, files)
+    return 0
+
+
+def _report(args: argparse.Namespace, done: dict, masks: list[tuple[dict, np.ndarray]], files: dict | None) -> None:
+    rows = []
+    for i, (ev, _) in enumerate(masks):
+        m = ev.get("measurements") or {}
+        rows.append({
+            "step": ev["step"], "label": ev.get("label"), "image": ev.get("image"),
+            "area_ha": m.get("area_ha"), "coverage_pct": m.get("coverage_pct"), "count": m.get("count"),
+            "score": ev.get("score"),
+            "geotiff": files["geotiffs"][i] if files else None,
+            "layer": files["layers"][i] if files else None,
+        })
+    if args.json:
+        obj = {
+            "question": args.question, "answer": done.get("answer"), "choice": done.get("choice"),
+            "reasoning": done.get("reasoning"), "text": done.get("text"), "masks": rows,
+            "measurements": done.get("measurements"), "timings_ms": done.get("timings_ms"), "model": done.get("model"),
+            "gpkg": files["gpkg"] if files else None,
+        }
+        print(json.dumps(P.json_safe(obj), ensure_ascii=False))
+        return
+    out = sys.stdout
+    out.write("\n\n")
+    out.write(f"Answer: {done.get('answer')}" + (f"  (option {done['choice']})" if done.get("choice") else "") + "\n")
+    for (ev, _), r in zip(masks, rows):
+        out.write(f"  mask {r['step'] + 1} [{r['label']}]: {_fmt(ev.get('measurements') or {})}\n")
+    if files:
+        out.write(f"Results: {files['gpkg']} ({len(files['layers'])} layer(s)); masks: "
+                  f"{', '.join(files['geotiffs']) or 'none'}\n")
+    total = (done.get("timings_ms") or {}).get("total")
+    if total is not None:
+        out.write(f"({total / 1000:.1f} s)\n")
+    out.flush()

@@ -1,0 +1,188 @@
+"""Several workers behind one endpoint: ZeroMQ's own ROUTER/DEALER ``zmq.proxy``.
+
+The parent binds the public endpoint (a ROUTER, with CURVE when configured) and a private
+DEALER; each member is a normal worker process whose ROUTER connects to that DEALER, so the
+DEALER spreads requests round-robin over the members (one per GPU via CUDA_VISIBLE_DEVICES, or
+N CPU members with ``--workers N``). A second ``zmq.proxy`` (XSUB/XPUB) is the members' control
+bus: a ``cancel``, a client keepalive or a ``shutdown`` that reaches one member is published to
+all, because the round-robin may have routed it away from the member that runs the job.
+
+The parent restarts a member that dies; it exits when every member has exited after a
+``shutdown``, or on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import zmq
+
+log = logging.getLogger("terrascope.pool")
+
+
+@dataclass
+class Member:
+    index: int
+    gpu: str | None
+    args: list[str]
+    proc: subprocess.Popen | None = None
+    restarts: list[float] | None = None
+
+
+def visible_gpus(spec: str) -> list[str]:
+    """GPU ids for ``--gpus all`` or ``--gpus 0,1`` (kept inside any CUDA_VISIBLE_DEVICES already set)."""
+    parent = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
+    if spec == "all":
+        import torch
+
+        n = torch.cuda.device_count()
+        if n == 0:
+            raise ValueError("--gpus all: no CUDA GPU is visible to this process")
+        return parent[:n] if parent else [str(i) for i in range(n)]
+    ids = [g.strip() for g in spec.split(",") if g.strip()]
+    if not ids or not all(g.isdigit() for g in ids):
+        raise ValueError(f"--gpus takes 'all' or a comma list of GPU indexes like 0,1; got {spec!r}")
+    if parent:
+        bad = [g for g in ids if int(g) >= len(parent)]
+        if bad:
+            raise ValueError(f"--gpus {spec}: only {len(parent)} GPU(s) visible (CUDA_VISIBLE_DEVICES)")
+        return [parent[int(g)] for g in ids]
+    return ids
+
+
+def _proxy(a: zmq.Socket, b: zmq.Socket) -> None:
+    try:
+        zmq.proxy(a, b)
+    except zmq.ContextTerminated:
+        pass
+    finally:
+        a.close(0)
+        b.close(0)
+
+
+class Pool:
+    """Runs the proxy and supervises the member processes."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        member_args: Sequence[str],
+        gpus: Sequence[str | None],
+        *,
+        curve_secret: bytes | None = None,
+        client_keys: Sequence[bytes] | None = None,
+        max_message_bytes: int = 1 << 30,
+        python: str = sys.executable,
+    ):
+        self.endpoint = endpoint
+        self.curve_secret = curve_secret
+        self.client_keys = client_keys
+        self.max_message_bytes = max_message_bytes
+        self.python = python
+        self.members = [Member(i, g, list(member_args)) for i, g in enumerate(gpus)]
+        self._stop = threading.Event()
+        self._dir = tempfile.mkdtemp(prefix="terrascope-pool-")  # 0700: only we can reach the ipc sockets
+        self._ctx = zmq.Context()
+        self._auth = None
+        self.bound: str | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _ep(self, name: str) -> str:
+        return f"ipc://{self._dir}/{name}"
+
+    def _start_proxies(self) -> None:
+        front = self._ctx.socket(zmq.ROUTER)
+        front.setsockopt(zmq.MAXMSGSIZE, self.max_message_bytes)
+        front.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+        front.setsockopt(zmq.HEARTBEAT_TIMEOUT, 5000)
+        front.setsockopt(zmq.LINGER, 0)
+        if self.curve_secret is not None:
+            from worker.service import start_authenticator
+
+            self._auth = start_authenticator(self._ctx, self.client_keys)
+            front.curve_server = True
+            front.curve_secretkey = self.curve_secret
+            front.curve_publickey = zmq.curve_public(self.curve_secret)
+        front.bind(self.endpoint)
+        self.bound = front.getsockopt(zmq.LAST_ENDPOINT).decode()
+        back = self._ctx.socket(zmq.DEALER)
+        back.setsockopt(zmq.LINGER, 0)
+        back.bind(self._ep("backend"))
+        xsub = self._ctx.socket(zmq.XSUB)
+        xsub.bind(self._ep("bus-in"))
+        xpub = self._ctx.socket(zmq.XPUB)
+        xpub.bind(self._ep("bus-out"))
+        for a, b in ((front, back), (xsub, xpub)):
+            threading.Thread(target=_proxy, args=(a, b), daemon=True, name="terrascope-proxy").start()
+
+    def _spawn(self, m: Member) -> None:
+        env = dict(os.environ)
+        if m.gpu is not None:
+            env["CUDA_VISIBLE_DEVICES"] = m.gpu
+        cmd = [
+            self.python, "-m", "worker.cli", "worker", "--pool-member",
+            "--endpoint", self._ep("backend"),
+            "--bus-pub", self._ep("bus-in"), "--bus-sub", self._ep("bus-out"),
+            "--pool-size", str(len(self.members)), *m.args,
+        ]
+        m.proc = subprocess.Popen(cmd, env=env)
+        log.info("pool member %d started (pid %d, gpu %s)", m.index, m.proc.pid, m.gpu or "-")
+
+    def run(self) -> int:
+        """Serve until every member exits after ``shutdown`` (0) or stop() / a signal."""
+        try:
+            self._start_proxies()
+            log.info("pool of %d workers on %s", len(self.members), self.bound)
+            for m in self.members:
+                self._spawn(m)
+            return self._supervise()
+        finally:
+            self._terminate()
+            if self._auth is not None:
+                self._auth.stop()
+            self._ctx.term()
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _supervise(self) -> int:
+        while not self._stop.wait(0.3):
+            codes = [m.proc.poll() if m.proc else None for m in self.members]
+            if all(c == 0 for c in codes):
+                log.info("all pool members shut down")
+                return 0
+            if any(c == 0 for c in codes):
+                continue  # a shutdown is spreading over the bus; the others follow
+            for m, code in zip(self.members, codes):
+                if code is None:
+                    continue
+                now = time.monotonic()
+                m.restarts = [t for t in (m.restarts or []) if now - t < 60] + [now]
+                if len(m.restarts) > 5:
+                    log.error("pool member %d keeps failing (exit %s); stopping the pool", m.index, code)
+                    return 1
+                log.warning("pool member %d exited with %s; restarting it", m.index, code)
+                self._spawn(m)
+        return 0
+
+    def _terminate(self) -> None:
+        procs = [m.proc for m in self.members if m.proc is not None and m.proc.poll() is None]
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        for p in procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
