@@ -161,11 +161,11 @@ class Georef:
 
     def scaled(self, sx: float, sy: float) -> Georef:
         """Georef of a resampled grid whose pixels are ``sx`` x ``sy`` of this grid's pixels."""
-        return Georef(self.transform * affine.Affine.scale(sx, sy), self.crs_wkt)
+        return Georef(self.transform @ affine.Affine.scale(sx, sy), self.crs_wkt)
 
     def shifted(self, col_off: float, row_off: float) -> Georef:
         """Georef of a window starting at (col_off, row_off) of this grid."""
-        return Georef(self.transform * affine.Affine.translation(col_off, row_off), self.crs_wkt)
+        return Georef(self.transform @ affine.Affine.translation(col_off, row_off), self.crs_wkt)
 
 
 def _measurable(georef: Georef) -> tuple[bool, str | None]:
@@ -383,7 +383,7 @@ def _pixel_size_m(georef: Georef, shape: tuple[int, int]) -> float | None:
     h, w = shape
     t = georef.transform
     cx, cy = max(w, 1) / 2.0, max(h, 1) / 2.0
-    pts = np.array([t * (cx, cy), t * (cx + 1, cy), t * (cx, cy + 1)], dtype=float)
+    pts = np.array([t @ (cx, cy), t @ (cx + 1, cy), t @ (cx, cy + 1)], dtype=float)
     lon, lat = _to_lonlat(georef.crs_wkt).transform(pts[:, 0], pts[:, 1])  # type: ignore[arg-type]
     _, _, dx = WGS84.inv(lon[0], lat[0], lon[1], lat[1])
     _, _, dy = WGS84.inv(lon[0], lat[0], lon[2], lat[2])

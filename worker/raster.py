@@ -380,7 +380,7 @@ def _window_for_bounds(ds: Any, bounds: tuple[float, float, float, float]) -> An
     if not (right > left and top > bottom):
         raise RasterError("bad_window", f"window bounds must have right > left and top > bottom: {bounds}")
     inv = ~ds.transform
-    pts = [inv * (x, y) for x in (left, right) for y in (bottom, top)]
+    pts = [inv @ (x, y) for x in (left, right) for y in (bottom, top)]
     c0 = max(0, math.floor(min(p[0] for p in pts) + 1e-9))
     r0 = max(0, math.floor(min(p[1] for p in pts) + 1e-9))
     c1 = min(ds.width, math.ceil(max(p[0] for p in pts) - 1e-9))
