@@ -172,9 +172,14 @@ class WorkerClient:
 
     def _call(self, op: str, **fields: Any) -> dict:
         """A request with a single reply event (ping, info, cancel, shutdown)."""
+        return self._call_arrays(op, None, **fields)[0]
+
+    def _call_arrays(
+        self, op: str, arrays: Mapping[str, np.ndarray] | None, **fields: Any
+    ) -> tuple[dict, dict[str, np.ndarray]]:
         with self._exclusive():
             header = P.request(op, **fields)
-            self._send(header)
+            self._send(header, arrays)
             deadline = time.monotonic() + self.timeout_s
             while True:
                 left = deadline - time.monotonic()
@@ -184,12 +189,12 @@ class WorkerClient:
                     raise WorkerUnavailable(
                         f"the TerraScope worker at {self.endpoint} did not answer '{op}' within {self.timeout_s:g} s"
                     )
-                ev, _ = msg
+                ev, ev_arrays = msg
                 if ev.get("id") != header["id"]:
                     continue  # stale reply to an earlier, abandoned request
                 if ev.get("event") == "error":
                     raise WorkerError(str(ev.get("code")), str(ev.get("message")), ev)
-                return ev
+                return ev, ev_arrays
 
     @contextmanager
     def _exclusive(self) -> Iterator[None]:
@@ -212,6 +217,10 @@ class WorkerClient:
         if isinstance(limit, int) and limit > 0:
             self.max_send_bytes = limit
         return ev
+
+    def echo(self, arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+        """Round trip of ``arrays`` through the worker (diagnostics and the protocol benchmark)."""
+        return self._call_arrays("echo", arrays)
 
     def cancel(self, target_id: str) -> dict:
         return self._call("cancel", target=target_id)

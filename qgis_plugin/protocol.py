@@ -68,9 +68,9 @@ ERROR_CODES = frozenset(
 )
 
 # --- ops and events ---------------------------------------------------------------------------
-OPS = ("ping", "info", "ask", "cancel", "shutdown")
+OPS = ("ping", "info", "ask", "cancel", "shutdown", "echo")  # echo: arrays sent back (diagnostics, bench)
 #: Worker -> client event names. ``alive`` is the per-job heartbeat (every ~1 s while queued/running).
-EVENTS = ("pong", "info", "accepted", "alive", "token", "mask", "done", "error", "ack", "bye")
+EVENTS = ("pong", "info", "accepted", "alive", "token", "mask", "done", "error", "ack", "bye", "echo")
 ROLES_FIXED = ("optical", "sar")
 INJECTIONS = ("mask", "box", "random", "none")
 
@@ -126,7 +126,7 @@ def _wire_array(arr: np.ndarray) -> np.ndarray:
     wire = DTYPES[wire_dtype(arr.dtype)]
     if arr.dtype != wire:
         arr = arr.astype(wire)
-    return np.ascontiguousarray(arr)
+    return arr if arr.flags.c_contiguous else arr.copy(order="C")  # (ascontiguousarray makes 0-d 1-d)
 
 
 def json_safe(value: Any) -> Any:
@@ -164,7 +164,7 @@ def encode_message(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] |
     for name, arr in (arrays or {}).items():
         wire = _wire_array(arr)
         table.append({"name": str(name), "dtype": wire_dtype(wire.dtype), "shape": list(wire.shape)})
-        frames.append(wire if wire.nbytes else b"")
+        frames.append(wire.reshape(-1) if wire.nbytes else b"")  # flat view: same bytes, no copy
     head["arrays"] = table
     frames[0] = dumps(head)
     return frames

@@ -585,6 +585,8 @@ class WorkerService:
                 self._on_ask(envelope, header, arrays, rid)
             elif op == "cancel":
                 self._on_cancel(envelope, header, rid)
+            elif op == "echo":
+                self._reply(envelope, P.event("echo", rid), arrays)
             elif op == "shutdown":
                 self._reply(envelope, P.event("bye", rid, pid=os.getpid()))
                 self._begin_shutdown(broadcast=True)

@@ -1,0 +1,120 @@
+"""``terrascope worker --workers 2``: two CPU worker processes behind one zmq.proxy endpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from workerlib import REPO, TINY_MODEL, small_ask
+
+from qgis_plugin import protocol as P
+from qgis_plugin.client import WorkerClient, WorkerUnavailable
+
+
+def _wait_ping(endpoint: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    with WorkerClient(endpoint, timeout_s=1.0) as c:
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "pool exited"
+            try:
+                c.ping()
+                return
+            except WorkerUnavailable:
+                continue
+    raise AssertionError("pool never answered")
+
+
+@pytest.fixture(scope="module")
+def pool(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pool")
+    endpoint = f"ipc://{folder}/pool.sock"
+    log = (folder / "pool.log").open("wb")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--workers", "2", "--endpoint", endpoint,
+                             "--model", str(TINY_MODEL), "--device", "cpu"], cwd=REPO, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    _wait_ping(endpoint, proc)
+    yield proc, endpoint
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def _member_pids(endpoint: str, n: int = 8) -> set[int]:
+    pids = set()
+    with WorkerClient(endpoint, timeout_s=5) as c:
+        for _ in range(n):
+            info = c.info()
+            assert info["pool_size"] == 2
+            pids.add(info["pid"])
+    return pids
+
+
+def test_requests_are_spread_over_both_members(pool) -> None:
+    proc, endpoint = pool
+    deadline = time.monotonic() + 60
+    pids: set[int] = set()
+    while len(pids) < 2 and time.monotonic() < deadline:  # the second member may still be starting
+        pids |= _member_pids(endpoint)
+    assert len(pids) == 2 and proc.pid not in pids
+    big = np.arange(2_000_000, dtype=np.float32)
+    with WorkerClient(endpoint, timeout_s=5) as c:
+        _, back = c.echo({"a": big})
+    np.testing.assert_array_equal(back["a"], big)
+
+
+def test_pool_answers_questions_from_concurrent_clients(pool) -> None:
+    _, endpoint = pool
+    done: dict[int, dict] = {}
+
+    def ask(k: int) -> None:
+        header, arrays = small_ask(max_new_tokens=4)
+        with WorkerClient(endpoint, timeout_s=10) as c:
+            done[k] = c.ask(header, arrays, max_wait_s=300)
+
+    threads = [threading.Thread(target=ask, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(400)
+    assert sorted(done) == [0, 1, 2, 3]
+    assert all(d["event"] == "done" for d in done.values())
+    assert len({d["worker"]["pid"] for d in done.values()}) == 2
+
+
+def test_cancel_reaches_the_member_running_the_job(pool) -> None:
+    _, endpoint = pool
+    header, arrays = small_ask(max_new_tokens=4000)
+    header["settings"]["max_seg"] = 0
+    seen = []
+
+    def on_event(ev, _):
+        seen.append(ev["event"])
+
+    with WorkerClient(endpoint, timeout_s=10) as c, pytest.raises(Exception) as e:
+        c.ask(header, arrays, on_event=on_event, should_cancel=lambda: "token" in seen, max_wait_s=300)
+    assert getattr(e.value, "code", None) == P.CANCELLED
+
+
+def test_shutdown_stops_every_member(tmp_path) -> None:
+    endpoint = f"ipc://{tmp_path}/p.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "worker.cli", "worker", "--workers", "2", "--endpoint", endpoint,
+                             "--model", str(TINY_MODEL), "--device", "cpu"], cwd=REPO,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_ping(endpoint, proc)
+        assert len(_member_pids(endpoint)) >= 1
+        time.sleep(1.0)  # let both members connect, so the shutdown must travel over the bus
+        with WorkerClient(endpoint, timeout_s=5) as c:
+            assert c.shutdown()["event"] == "bye"
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
