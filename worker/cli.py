@@ -399,4 +399,7 @@ def private_endpoint() -> tuple[str, str | None]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the imported module, not this __main__ copy, so worker.ask and we share CliError & co.
+    from worker.cli import main as _main
+
+    sys.exit(_main())
