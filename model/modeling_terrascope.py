@@ -1,0 +1,196 @@
+"""The TerraScope model: InternViT + pixel-shuffle MLP projector + Qwen2 + SAM-2 + [SEG] head.
+
+Built from transformers modules (``InternVLVisionModel``, ``Qwen2ForCausalLM``, ``Sam2Model``); this file
+only adds the glue the release defines: pixel shuffle v2, ``mlp1``, ``text_hidden_fcs`` and the way a
+``[SEG]`` hidden state becomes a SAM-2 sparse prompt. Generation lives in ``generation.py``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import InternVLVisionModel, Qwen2ForCausalLM, Sam2Model
+from transformers.cache_utils import DynamicCache
+
+from .configuration_terrascope import TerraScopeConfig
+
+# transformers renamed ``past_key_values`` to ``cache`` (5.2x keeps the old name as a deprecated alias);
+# pick whichever the installed version's Qwen2Model.forward declares so both 5.17 and 5.24 work.
+_CACHE_KW = "cache" if "cache" in inspect.signature(
+    __import__("transformers").Qwen2Model.forward).parameters else "past_key_values"
+
+
+@dataclass
+class Sam2Features:
+    """SAM-2 image embeddings of one or more frames, computed once and reused by every [SEG]."""
+
+    image_embeddings: list[torch.Tensor]  # [s0 (conv_s0'd), s1 (conv_s1'd), last + no_mem_embed], NCHW
+    image_pe: torch.Tensor  # [1, C, 64, 64]
+
+    def frame(self, index: int) -> Sam2Features:
+        return Sam2Features([e[index:index + 1] for e in self.image_embeddings], self.image_pe)
+
+
+@dataclass
+class MaskLogits:
+    """Output of one SAM-2 decode: best-of-3 low-res logits with their scores."""
+
+    low_res: torch.Tensor  # [B, 1, 256, 256] float32
+    iou: torch.Tensor  # [B, 3] predicted IoU of the multimask outputs
+    object_score: torch.Tensor  # [B, 1]
+    best: torch.Tensor  # [B] index of the chosen mask
+
+
+def pixel_shuffle_v2(x: torch.Tensor, scale: float = 0.5) -> torch.Tensor:
+    """InternVL pixel shuffle, ps_version v2: [N, W, H, C] -> [N, W*s, H*s, C/s^2] (orientation kept)."""
+    n, w, h, c = x.shape
+    x = x.reshape(n, w, int(h * scale), int(c / scale))
+    x = x.permute(0, 2, 1, 3).contiguous()
+    x = x.reshape(n, int(h * scale), int(w * scale), int(c / (scale * scale)))
+    return x.permute(0, 2, 1, 3).contiguous()
+
+
+class TerraScopeModel(nn.Module):
+    """Weights and single-step computations; no generation state lives here."""
+
+    def __init__(self, config: TerraScopeConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        vit_hidden = config.vision.hidden_size
+        llm_hidden = config.llm.hidden_size
+        ps_dim = vit_hidden * int(1 / config.downsample_ratio) ** 2
+        self.vision_model = InternVLVisionModel(config.vision_hf())
+        self.mlp1 = nn.Sequential(
+            nn.LayerNorm(ps_dim), nn.Linear(ps_dim, llm_hidden), nn.GELU(), nn.Linear(llm_hidden, llm_hidden)
+        )
+        self.language_model = Qwen2ForCausalLM(config.llm_hf())
+        self.grounding_encoder = Sam2Model(config.sam2_hf())
+        self.text_hidden_fcs = nn.Sequential(
+            nn.Linear(llm_hidden, llm_hidden), nn.ReLU(), nn.Linear(llm_hidden, config.sam2.hidden_dim)
+        )
+        self.sam2_encode_calls = 0  # counted so tests can prove SAM-2 encodes once per image per answer
+
+    # ---- vision -----------------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.mlp1[1].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.mlp1[1].weight.dtype
+
+    def extract_feature(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[tiles, 3, 448, 448] -> projected visual tokens [tiles, 256, llm_hidden]."""
+        pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
+        hidden = self.vision_model(pixel_values=pixel_values).last_hidden_state
+        if self.config.select_layer != -1:
+            raise ValueError("only select_layer=-1 (last ViT layer) is supported")
+        hidden = hidden[:, 1:, :]  # drop CLS
+        side = round(hidden.shape[1] ** 0.5)
+        hidden = hidden.reshape(hidden.shape[0], side, side, -1)
+        hidden = pixel_shuffle_v2(hidden, self.config.downsample_ratio)
+        hidden = hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
+        return self.mlp1(hidden)
+
+    # ---- language model -----------------------------------------------------------------------------------
+    def embed_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.language_model.get_input_embeddings()(ids.to(self.device))
+
+    def new_cache(self) -> DynamicCache:
+        return DynamicCache()
+
+    def lm_forward(self, inputs_embeds: torch.Tensor, cache: DynamicCache | None, start: int,
+                   all_logits: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder on ``inputs_embeds`` [1, L, H] at absolute positions start..start+L-1.
+
+        Returns (last-layer hidden states after the final norm [1, L, H], logits [1, L or 1, V]). The cache
+        is updated in place. This is the decode step the GPU fast path may swap out.
+        """
+        length = inputs_embeds.shape[1]
+        position_ids = torch.arange(start, start + length, device=inputs_embeds.device)[None]
+        out = self.language_model.model(
+            inputs_embeds=inputs_embeds, position_ids=position_ids, use_cache=cache is not None,
+            **{_CACHE_KW: cache},
+        )
+        hidden = out.last_hidden_state
+        head_in = hidden if all_logits else hidden[:, -1:]
+        return hidden, self.language_model.lm_head(head_in).float()
+
+    # ---- SAM-2 ------------------------------------------------------------------------------------------
+    def sam2_encode(self, g_pixel_values: torch.Tensor) -> Sam2Features:
+        """[frames, 3, 1024, 1024] -> image embeddings (Hiera + FPN, conv_s0/s1, + no_mem_embed)."""
+        self.sam2_encode_calls += 1
+        sam = self.grounding_encoder
+        g = g_pixel_values.to(device=self.device, dtype=self.dtype)
+        out = sam.get_image_features(g, return_dict=True)
+        maps = list(out.fpn_hidden_states)
+        maps[-1] = maps[-1] + sam.no_memory_embedding
+        batch = g.shape[0]
+        embeddings = [
+            feat.permute(1, 2, 0).reshape(batch, -1, *size)
+            for feat, size in zip(maps, sam.backbone_feature_sizes)
+        ]
+        return Sam2Features(embeddings, sam.get_image_wide_positional_embeddings())
+
+    def sam2_decode(self, features: Sam2Features, prompt: torch.Tensor) -> MaskLogits:
+        """Decode masks for ``prompt`` [B, C] (one text prompt per frame in ``features``)."""
+        sam = self.grounding_encoder
+        batch = prompt.shape[0]
+        device = prompt.device
+        points = torch.zeros(batch, 1, 1, 2, device=device, dtype=prompt.dtype)
+        labels = -torch.ones(batch, 1, 1, dtype=torch.int32, device=device)
+        sparse, dense = sam.prompt_encoder(input_points=points, input_labels=labels, input_boxes=None,
+                                           input_masks=None)
+        # official Sa2VA: the language embedding is appended after the (dummy point, pad) sparse tokens
+        sparse = torch.cat([sparse, prompt[:, None, None, :].to(sparse.dtype)], dim=2)
+        image_pe = features.image_pe.repeat(batch, 1, 1, 1)
+        low, iou, _, obj = sam.mask_decoder(
+            image_embeddings=features.image_embeddings[-1],
+            image_positional_embeddings=image_pe,
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=True,
+            high_resolution_features=features.image_embeddings[:-1],
+        )
+        low = low[:, 0].float()  # [B, 3, 256, 256]
+        iou = iou[:, 0].float()  # [B, 3]
+        obj = obj[:, 0].float()  # [B, 1]
+        best = iou.argmax(dim=-1)
+        chosen = low[torch.arange(batch, device=device), best][:, None]
+        return MaskLogits(chosen, iou, obj, best)
+
+    def seg_prompt(self, seg_hidden: torch.Tensor) -> torch.Tensor:
+        """[SEG] last-layer hidden state [B, H] -> SAM-2 language prompt [B, C]."""
+        return self.text_hidden_fcs(seg_hidden.to(self.dtype))
+
+
+def mask_probabilities(low_res: torch.Tensor, out_hw: tuple[int, int], image_size: int = 1024) -> torch.Tensor:
+    """Low-res logits [B,1,256,256] -> probabilities [B,H,W]: bilinear to 1024, bilinear to (H,W), sigmoid.
+
+    Two steps (not one) because that is what the official pipeline does and bilinear resizes do not
+    compose exactly.
+    """
+    high = F.interpolate(low_res.float(), size=(image_size, image_size), mode="bilinear", align_corners=False)
+    out = F.interpolate(high, size=tuple(out_hw), mode="bilinear", align_corners=False)
+    return out[:, 0].sigmoid()
+
+
+def text_relevance(visual: torch.Tensor, question: torch.Tensor) -> torch.Tensor:
+    """Paper Eq. 4: beta_j = mean over text tokens l of softmax_j(v_j . q_l / sqrt(D)).
+
+    ``visual`` [N, D] (projected tokens of one modality), ``question`` [L, D] (question token embeddings).
+    The softmax runs over the visual tokens of this modality, so each text token distributes one unit of
+    attention over the image and beta sums to 1 per modality.
+    """
+    if question.shape[0] == 0:
+        raise ValueError("text relevance needs at least one question token")
+    v = visual.float()
+    q = question.float()
+    scores = v @ q.T / math.sqrt(v.shape[-1])  # [N, L]
+    return scores.softmax(dim=0).mean(dim=1)
