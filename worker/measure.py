@@ -39,6 +39,7 @@ __all__ = [
     "mask_polygons",
     "measure_file",
     "measure_mask",
+    "measure_objects",
     "nearest_distance_m",
     "nearest_distance_px",
     "object_polygons",
@@ -198,26 +199,45 @@ def _same_shape(a: np.ndarray, b: np.ndarray) -> None:
         raise RasterError("shape_mismatch", f"mask shapes differ: {a.shape} vs {b.shape}")
 
 
+def _shapes(image: np.ndarray, mask: np.ndarray, georef: Georef) -> tuple[np.ndarray, np.ndarray]:
+    """(polygons, their pixel values) from ``rasterio.features.shapes``, built with vectorised shapely.
+
+    Building 100,000 polygons one GeoJSON dict at a time costs seconds; one ``shapely.polygons`` call doesn't.
+    """
+    from rasterio import features
+
+    rings: list[Any] = []
+    ring_poly: list[int] = []
+    values: list[float] = []
+    for geom, value in features.shapes(image, mask=mask, connectivity=4, transform=georef.transform):
+        for ring in geom["coordinates"]:
+            rings.append(ring)
+            ring_poly.append(len(values))
+        values.append(value)
+    if not values:
+        return np.empty(0, dtype=object), np.empty(0)
+    lengths = np.fromiter((len(r) for r in rings), dtype=np.int64, count=len(rings))
+    coords = np.fromiter((v for r in rings for pt in r for v in pt), dtype=np.float64, count=2 * int(lengths.sum()))
+    linear = shapely.linearrings(coords.reshape(-1, 2), indices=np.repeat(np.arange(len(rings)), lengths))
+    polys = shapely.polygons(linear, indices=np.asarray(ring_poly))
+    return polys, np.asarray(values)
+
+
 def mask_polygons(mask: Any, georef: Georef, simplify: bool = False) -> list[shapely.Polygon]:
     """Valid polygons (raster CRS; pixel coordinates without one) of the mask's 4-connected pieces.
 
     ``simplify`` removes staircase vertices within half a pixel, topology preserved.
     """
-    from rasterio import features
-
     m = _as_mask(mask)
     if m.size == 0 or not m.any():
         return []
-    polys = [
-        shapely.geometry.shape(geom)
-        for geom, _ in features.shapes(m.view(np.uint8), mask=m, connectivity=4, transform=georef.transform)
-    ]
+    polys = list(_shapes(m.view(np.uint8), m, georef)[0])
     return _simplified(polys, georef) if simplify else polys
 
 
 def _simplified(geoms: list[Any], georef: Georef) -> list[Any]:
     tol = 0.5 * min(georef.pixel_size)
-    return [shapely.simplify(g, tol, preserve_topology=True) for g in geoms]
+    return list(shapely.simplify(np.asarray(geoms, dtype=object), tol, preserve_topology=True))
 
 
 def label_objects(mask: Any) -> tuple[np.ndarray, int]:
@@ -231,15 +251,19 @@ def label_objects(mask: Any) -> tuple[np.ndarray, int]:
 
 def object_polygons(mask: Any, georef: Georef, simplify: bool = False) -> list[shapely.Geometry]:
     """One geometry per 8-connected object (Polygon, or MultiPolygon of its 4-connected pieces), in label order."""
-    from rasterio import features
-
     labels, n = label_objects(mask)
     if n == 0:
         return []
-    pieces: list[list[shapely.Polygon]] = [[] for _ in range(n)]
-    for geom, value in features.shapes(labels, mask=labels > 0, connectivity=4, transform=georef.transform):
-        pieces[int(value) - 1].append(shapely.geometry.shape(geom))
-    out = [p[0] if len(p) == 1 else shapely.MultiPolygon(p) for p in pieces]
+    polys, values = _shapes(labels, labels > 0, georef)
+    owner = values.astype(np.int64) - 1
+    order = np.argsort(owner, kind="stable")
+    counts = np.bincount(owner, minlength=n)
+    if (counts == 1).all():  # the usual case: every object is one 4-connected piece
+        out = list(polys[order])
+    else:
+        out = list(shapely.multipolygons(polys[order], indices=owner[order]))
+        single = counts == 1
+        out = [g.geoms[0] if one else g for g, one in zip(out, single)]
     return _simplified(out, georef) if simplify else out
 
 
@@ -350,6 +374,16 @@ def measure_mask(mask: Any, georef: Georef, valid: np.ndarray | None = None) -> 
 
     Mask pixels that are not valid (nodata/NaN) are ignored: nothing is measurable there.
     """
+    return measure_objects(mask, georef, valid)[0]
+
+
+def measure_objects(
+    mask: Any, georef: Georef, valid: np.ndarray | None = None
+) -> tuple[MaskMeasurements, list[shapely.Geometry], list[tuple[float, float]]]:
+    """``measure_mask`` plus each object's geometry and (area, perimeter): m², m, or px², px without a CRS.
+
+    One polygonisation serves both the totals and per-object attributes (the GeoPackage layers).
+    """
     m = _as_mask(mask)
     v = _valid_or_all(valid, m.shape)
     if v is not None:
@@ -360,20 +394,22 @@ def measure_mask(mask: Any, georef: Georef, valid: np.ndarray | None = None) -> 
     if valid_px == 0:
         notes.append("no valid pixels: coverage is undefined and reported as 0")
     coverage = 100.0 * area_px / valid_px if valid_px else 0.0
-    polys = mask_polygons(m, georef) if area_px else []
-    count = count_objects(m) if area_px else 0
+    objects = object_polygons(m, georef) if area_px else []
     sx, sy = georef.pixel_size
-    perim_px = sum(_px_length(p, sx, sy) for p in polys)
+    perim_px = sum(_px_length(p, sx, sy) for p in objects)
     ok, why = _measurable(georef)
     if not ok:
         notes.insert(0, why or NO_CRS_NOTE)
-        return MaskMeasurements(None, None, None, area_px, coverage, count, "px", "; ".join(notes),
-                                perim_px, valid_px, None)
-    per = _ring_measures(polys, georef.crs_wkt)  # type: ignore[arg-type]
+        px_area = abs(georef.transform.determinant)
+        per = [(float(g.area) / px_area, _px_length(g, sx, sy)) for g in objects]
+        return (MaskMeasurements(None, None, None, area_px, coverage, len(objects), "px", "; ".join(notes),
+                                 perim_px, valid_px, None), objects, per)
+    per = _ring_measures(objects, georef.crs_wkt)  # type: ignore[arg-type]
     area = float(sum(a for a, _ in per))
     perim = float(sum(p for _, p in per))
-    return MaskMeasurements(area, area / 1e4, perim, area_px, coverage, count, "m",
-                            "; ".join(notes) or None, perim_px, valid_px, _pixel_size_m(georef, m.shape))
+    return (MaskMeasurements(area, area / 1e4, perim, area_px, coverage, len(objects), "m",
+                             "; ".join(notes) or None, perim_px, valid_px, _pixel_size_m(georef, m.shape)),
+            objects, per)
 
 
 def _pixel_size_m(georef: Georef, shape: tuple[int, int]) -> float | None:

@@ -25,9 +25,7 @@ from worker.measure import (
     Georef,
     MaskMeasurements,
     RasterError,
-    measure_mask,
-    object_polygons,
-    polygon_measurements,
+    measure_objects,
 )
 
 __all__ = ["ANSWERS_TABLE", "free_name", "write_mask_geotiff", "write_results"]
@@ -173,25 +171,25 @@ def _json_safe(v: Any) -> Any:
 
 
 def _step_layer(step: int, mask: np.ndarray, georef: Georef, label: str, score: float, image: int,
-                geotiff: str | None) -> Any:
+                geotiff: str | None) -> tuple[Any, MaskMeasurements]:
     import geopandas as gpd
 
-    polys = object_polygons(mask, georef)
-    per = polygon_measurements(polys, georef)
-    metric = georef.crs_wkt is not None and all(math.isfinite(a) for a, _ in per)
+    meas, objects, per = measure_objects(mask, georef)
+    metric = meas.units == "m"
+    px_area = abs(georef.transform.determinant)
     rows = {
-        "step": [step] * len(polys),
-        "label": [label] * len(polys),
-        "object": list(range(1, len(polys) + 1)),
+        "step": [step] * len(objects),
+        "label": [label] * len(objects),
+        "object": list(range(1, len(objects) + 1)),
         "area_ha": [a / 1e4 if metric else None for a, _ in per],
         "area_m2": [a if metric else None for a, _ in per],
         "perimeter_m": [p if metric else None for _, p in per],
-        "area_px": [round(p.area / abs(georef.transform.determinant)) for p in polys],
-        "score": [float(score)] * len(polys),
-        "image": [int(image)] * len(polys),
-        "mask_geotiff": [geotiff] * len(polys),
+        "area_px": [round(g.area / px_area) for g in objects],
+        "score": [float(score)] * len(objects),
+        "image": [int(image)] * len(objects),
+        "mask_geotiff": [geotiff] * len(objects),
     }
-    return gpd.GeoDataFrame(rows, geometry=polys, crs=georef.crs_wkt)
+    return gpd.GeoDataFrame(rows, geometry=objects, crs=georef.crs_wkt), meas
 
 
 def write_results(
@@ -222,8 +220,6 @@ def write_results(
             raise RasterError("bad_argument", f"step {n} must be (mask, georef, label, score, image, measurements)")
         mask, georef, label, score, image, meas = item
         m = np.asarray(mask) != 0
-        if meas is None:
-            meas = measure_mask(m, georef)
         tif = write_mask_geotiff(
             free_name(folder, f"{file_stem}-step{n + 1}", ".tif"), m, georef,
             {"question": question, "step": n, "label": label, "score": float(score), "image": int(image)},
@@ -233,7 +229,10 @@ def write_results(
         while layer in layers:
             layer += "_"
         layers.append(layer)
-        frames.append((layer, label, _step_layer(n, m, georef, label, score, image, tif.name)))
+        gdf, own = _step_layer(n, m, georef, label, score, image, tif.name)
+        frames.append((layer, label, gdf))
+        if meas is None:  # the caller's measurements (with valid pixels) win; else those of the mask alone
+            meas = own
         step_meta.append({"step": n, "label": label, "layer": layer, "geotiff": tif.name, "score": float(score),
                           "image": int(image), "measurements": _json_safe(meas)})
 
