@@ -86,7 +86,7 @@ class Limits:
     max_ndim: int = 4
     max_question_chars: int = 4000
     min_options: int = 2
-    max_options: int = 10
+    max_options: int = 8  # the model labels options A-H (model/prompting.py OPTION_LETTERS)
     max_option_chars: int = 1000
     max_images: int = 16
 
@@ -227,6 +227,11 @@ def decode_header(raw: Any, limits: Limits = Limits()) -> dict[str, Any]:
         raise ProtocolError(BAD_JSON, f"header must be a JSON object, not {type(header).__name__}")
     if _depth(header, limits.max_json_depth) > limits.max_json_depth:
         raise ProtocolError(BAD_JSON, f"header JSON is nested deeper than {limits.max_json_depth}")
+    if "\\ud" in text or "\\uD" in text:  # JSON escapes can smuggle in lone surrogates, which
+        try:  # no reply (nor any UTF-8 text) could echo back: refuse them here
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ProtocolError(BAD_JSON, "header holds a lone surrogate escape (e.g. \\ud800): not valid Unicode") from None
     rid = header.get("id")
     rid = rid if isinstance(rid, str) and len(rid) <= 128 else None
     if "protocol" not in header:
