@@ -118,6 +118,9 @@ class GenerationTrace:
     calls: list[tuple[str, torch.Tensor]] = field(default_factory=list)
     segs: list[dict] = field(default_factory=list)
     prefill_hidden: torch.Tensor | None = None
+    fed: list[torch.Tensor] = field(default_factory=list)  # every inputs_embeds chunk, in order
+    cache: object | None = None  # the live KV cache at the end
+    last_hidden: torch.Tensor | None = None  # hidden state of the last fed position
 
 
 class Generator:
@@ -149,7 +152,7 @@ class Generator:
 
     def sam_features(self, ctx: VisualContext, index: int) -> Sam2Features:
         if index not in ctx.sam_cache:
-            g = torch.from_numpy(sam2_pixels(ctx.pixels[index]))[None]
+            g = torch.from_numpy(sam2_pixels(ctx.pixels[index], self.model.config.sam2.image_size))[None]
             ctx.sam_cache[index] = self.model.sam2_encode(g)
         return ctx.sam_cache[index]
 
@@ -226,6 +229,8 @@ class Generator:
         if trace is not None:
             trace.calls.append(("prefill", logits[0, -1].cpu()))
             trace.prefill_hidden = hidden[0, -1].float().cpu()
+            trace.fed.append(embeds)
+            trace.cache = cache
         timings["prefill_ms"] = (time.perf_counter() - t_start) * 1e3
 
         out_ids: list[int] = []
@@ -264,6 +269,8 @@ class Generator:
             pos += len(new)
             if trace is not None:
                 trace.calls.append((kind, lg[0, -1].cpu()))
+                trace.fed.append(emb)
+                trace.last_hidden = h[0, -1]
             return h, lg
 
         t_dec = time.perf_counter()
@@ -327,10 +334,12 @@ class Generator:
                 region = ctx.vit_flat[torch.tensor(flat_idx, device=ctx.vit_flat.device)][None]
                 if trace is not None:
                     trace.segs[-1]["region_embeds"] = region.float().cpu()
-                _, last_logits = model.lm_forward(region.to(model.dtype), cache, pos)
+                h_reg, last_logits = model.lm_forward(region.to(model.dtype), cache, pos)
                 pos += len(flat_idx)
                 if trace is not None:
                     trace.calls.append(("region", last_logits[0, -1].cpu()))
+                    trace.fed.append(region.to(model.dtype))
+                    trace.last_hidden = h_reg[0, -1]
                 out_ids.extend([ids.region] * len(flat_idx))
             if grounding is not None:
                 span = grounding(step)

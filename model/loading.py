@@ -343,6 +343,7 @@ def _finish(model: TerraScopeModel, device: torch.device) -> TerraScopeModel:
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if left:
         raise CheckpointError(f"checkpoint is missing {len(left)} tensors, e.g. {left[:5]}")
+    model.requires_grad_(False)  # inference by default; training code turns on what it trains
     return model.eval()
 
 

@@ -161,7 +161,7 @@ def route_marker(text: str) -> str | None:
 
 def seg_label(text_before: str) -> str:
     """The phrase that introduced a [SEG]: text since the previous region, last clause, tokens removed."""
-    part = text_before
+    part = text_before.rstrip().removesuffix("[SEG]")
     for sep in ("[SEG]", "<REGION>"):
         part = part.rsplit(sep, 1)[-1]
     part = clean(_MARKER.sub(" ", part))
