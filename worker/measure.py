@@ -277,7 +277,12 @@ def _ring_measures(geoms: Sequence[shapely.Geometry], crs_wkt: str) -> list[tupl
     if not geoms:
         return []
     step = _MAX_EDGE_M / _metres_per_unit(crs_wkt)
-    geoms_arr = shapely.segmentize(np.asarray(geoms, dtype=object), step)
+    geoms_arr = np.asarray(geoms, dtype=object)
+    b = shapely.bounds(geoms_arr)
+    long = np.maximum(b[:, 2] - b[:, 0], b[:, 3] - b[:, 1]) > step  # only these can have an edge > step
+    if long.any():
+        geoms_arr = geoms_arr.copy()
+        geoms_arr[long] = shapely.segmentize(geoms_arr[long], step)
     parts, part_owner = shapely.get_parts(geoms_arr, return_index=True)  # MultiPolygon -> Polygons
     rings, ring_part = shapely.get_rings(parts, return_index=True)
     if len(rings) == 0:
@@ -372,9 +377,40 @@ def _valid_or_all(valid: Any, shape: tuple[int, ...]) -> np.ndarray | None:
 def measure_mask(mask: Any, georef: Georef, valid: np.ndarray | None = None) -> MaskMeasurements:
     """Area, perimeter, coverage of valid pixels and object count of a mask on the raster's grid.
 
-    Mask pixels that are not valid (nodata/NaN) are ignored: nothing is measurable there.
+    Mask pixels that are not valid (nodata/NaN) are ignored: nothing is measurable there. Totals come
+    from per-pixel geodesic areas and edge lengths (``_pixel_metric``), so a mask with 100,000 objects
+    costs no more than one with a single object; grids whose pixels vary too much in size across a block
+    (coarse global grids) are measured exactly on polygons instead.
     """
-    return measure_objects(mask, georef, valid)[0]
+    m = _as_mask(mask)
+    v = _valid_or_all(valid, m.shape)
+    if v is not None:
+        m = m & v
+    valid_px = int(v.sum()) if v is not None else int(m.size)
+    area_px = int(m.sum())
+    notes: list[str] = []
+    if valid_px == 0:
+        notes.append("no valid pixels: coverage is undefined and reported as 0")
+    coverage = 100.0 * area_px / valid_px if valid_px else 0.0
+    count = count_objects(m) if area_px else 0
+    hedges, vedges = _edge_counts(m)  # horizontal edges (one column step long), vertical (one row step)
+    sx, sy = georef.pixel_size
+    perim_px = float((hedges.sum() * sx + vedges.sum() * sy) / math.sqrt(sx * sy)) if area_px else 0.0
+    ok, why = _measurable(georef)
+    if not ok:
+        notes.insert(0, why or NO_CRS_NOTE)
+        return MaskMeasurements(None, None, None, area_px, coverage, count, "px", "; ".join(notes),
+                                perim_px, valid_px, None)
+    area = perim = 0.0
+    if area_px:
+        fields = _pixel_fields(georef, m.shape)
+        if fields is None:  # pixel size changes a lot within a block: measure the polygons exactly
+            return measure_objects(m, georef, v)[0]
+        px_area, col_len, row_len = fields
+        area = _integrate(m, px_area)
+        perim = _integrate(hedges, col_len) + _integrate(vedges, row_len)
+    return MaskMeasurements(area, area / 1e4, perim, area_px, coverage, count, "m",
+                            "; ".join(notes) or None, perim_px, valid_px, _pixel_size_m(georef, m.shape))
 
 
 def measure_objects(
@@ -410,6 +446,88 @@ def measure_objects(
     return (MaskMeasurements(area, area / 1e4, perim, area_px, coverage, len(objects), "m",
                              "; ".join(notes) or None, perim_px, valid_px, _pixel_size_m(georef, m.shape)),
             objects, per)
+
+
+#: Pixel metrics are evaluated on the corners of blocks of _BLOCK x _BLOCK pixels and taken as a plane
+#: inside each block (error of second order) ...
+_BLOCK = 64
+#: ... where the pixel area changes by less than this fraction across one block; else polygons are used.
+_MAX_BLOCK_VARIATION = 0.02
+
+
+def _edge_counts(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-pixel counts of mask boundary edges: horizontal ones (above/below) and vertical ones (left/right)."""
+    hedges = np.zeros(m.shape, np.uint8)
+    vedges = np.zeros(m.shape, np.uint8)
+    if m.size == 0:
+        return hedges, vedges
+    hedges[0] += m[0]
+    hedges[1:] += m[1:] & ~m[:-1]
+    hedges[-1] += m[-1]
+    hedges[:-1] += m[:-1] & ~m[1:]
+    vedges[:, 0] += m[:, 0]
+    vedges[:, 1:] += m[:, 1:] & ~m[:, :-1]
+    vedges[:, -1] += m[:, -1]
+    vedges[:, :-1] += m[:, :-1] & ~m[:, 1:]
+    return hedges, vedges
+
+
+def _block_edges(n: int) -> np.ndarray:
+    return np.append(np.arange(0, n, _BLOCK), n)
+
+
+def _pixel_fields(georef: Georef, shape: tuple[int, int]) -> tuple[np.ndarray, ...] | None:
+    """Geodesic pixel area (m²) and ground length of one column / row step (m) at the block corners.
+
+    Each value comes from geodesics between the midpoints of a pixel's opposite sides (WGS84, any CRS,
+    rotated grids too). None when the pixel size varies too much inside a block to treat it as a plane.
+    """
+    h, w = shape
+    rr, cc = np.meshgrid(_block_edges(h).astype(float), _block_edges(w).astype(float), indexing="ij")
+    t = georef.transform
+    to_ll = _to_lonlat(georef.crs_wkt)  # type: ignore[arg-type]
+
+    def lonlat(c: np.ndarray, r: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        lon, lat = to_ll.transform((t.a * c + t.b * r + t.c).ravel(), (t.d * c + t.e * r + t.f).ravel())
+        return np.asarray(lon), np.asarray(lat)
+
+    lw, aw = lonlat(cc - 0.5, rr)
+    le, ae = lonlat(cc + 0.5, rr)
+    ln, an = lonlat(cc, rr - 0.5)
+    ls, as_ = lonlat(cc, rr + 0.5)
+    if not all(np.isfinite(x).all() for x in (lw, aw, le, ae, ln, an, ls, as_)):
+        return None
+    az_c, _, col_len = WGS84.inv(lw, aw, le, ae)
+    az_r, _, row_len = WGS84.inv(ln, an, ls, as_)
+    area = np.asarray(col_len) * np.asarray(row_len) * np.abs(np.sin(np.radians(np.asarray(az_c) - az_r)))
+    area = area.reshape(rr.shape)
+    corners = np.stack([area[:-1, :-1], area[1:, :-1], area[:-1, 1:], area[1:, 1:]])
+    if not (area > 0).all() or float((corners.max(0) / corners.min(0) - 1).max()) > _MAX_BLOCK_VARIATION:
+        return None
+    return area, np.asarray(col_len).reshape(rr.shape), np.asarray(row_len).reshape(rr.shape)
+
+
+def _integrate(weights: np.ndarray, field: np.ndarray) -> float:
+    """Sum over pixels of weight x field, the field a plane inside each block fitted to its 4 corner values.
+
+    Needs only per-block counts and first moments of the weights (no full-size float temporaries).
+    """
+    h, w = weights.shape
+    re, ce = _block_edges(h), _block_edges(w)
+    per_row = np.add.reduceat(weights, ce[:-1], axis=1, dtype=np.int64)  # (H, nb_c)
+    per_col = np.add.reduceat(weights, re[:-1], axis=0, dtype=np.int64)  # (nb_r, W)
+    n = np.add.reduceat(per_row, re[:-1], axis=0)
+    s_r = np.add.reduceat(per_row * (np.arange(h) + 0.5)[:, None], re[:-1], axis=0)
+    s_c = np.add.reduceat(per_col * (np.arange(w) + 0.5)[None, :], ce[:-1], axis=1)
+    f00, f10, f01, f11 = field[:-1, :-1], field[1:, :-1], field[:-1, 1:], field[1:, 1:]
+    dr = np.diff(re).astype(float)[:, None]
+    dc = np.diff(ce).astype(float)[None, :]
+    mean = (f00 + f10 + f01 + f11) / 4.0
+    g_r = ((f10 + f11) - (f00 + f01)) / 2.0 / dr
+    g_c = ((f01 + f11) - (f00 + f10)) / 2.0 / dc
+    r_mid = (re[:-1] + re[1:])[:, None] / 2.0
+    c_mid = (ce[:-1] + ce[1:])[None, :] / 2.0
+    return float((mean * n + g_r * (s_r - n * r_mid) + g_c * (s_c - n * c_mid)).sum())
 
 
 def _pixel_size_m(georef: Georef, shape: tuple[int, int]) -> float | None:
@@ -552,10 +670,7 @@ class ChangeMeasurements:
 
 
 def _area_ha(m: np.ndarray, georef: Georef) -> float:
-    if not m.any():
-        return 0.0
-    per = _ring_measures(mask_polygons(m, georef), georef.crs_wkt)  # type: ignore[arg-type]
-    return float(sum(a for a, _ in per)) / 1e4
+    return float(measure_mask(m, georef).area_ha or 0.0) if m.any() else 0.0
 
 
 def change(mask_before: Any, mask_after: Any, georef: Georef, valid: np.ndarray | None = None,

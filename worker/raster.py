@@ -404,7 +404,7 @@ def read_raster(
     import rasterio
     from rasterio.errors import RasterioIOError
 
-    with rasterio.Env(GDAL_CACHEMAX=64 * 1024 * 1024):
+    with rasterio.Env(GDAL_CACHEMAX=64 * 1024 * 1024, GDAL_NUM_THREADS="ALL_CPUS"):
         try:
             ds = rasterio.open(path)
         except RasterioIOError as exc:

@@ -241,3 +241,53 @@ def test_real_rotated_sar_footprint_area(tmp_path):
     assert m.area_m2 == pytest.approx(ref_area, rel=1e-3)
     assert m.coverage_pct == pytest.approx(100.0)
     assert np.iscomplexobj(data)
+
+
+def _zone_area(lat1: float, lat2: float, dlon: float) -> float:
+    """Exact area of a lon/lat cell on the WGS84 ellipsoid (authalic-latitude formula)."""
+    a, f = 6378137.0, 1 / 298.257223563
+    e2 = f * (2 - f)
+    e, b2 = math.sqrt(e2), (a * (1 - f)) ** 2
+
+    def q(phi: float) -> float:
+        s = math.sin(math.radians(phi))
+        return s / (1 - e2 * s * s) + math.log((1 + e * s) / (1 - e * s)) / (2 * e)
+
+    return math.radians(dlon) * b2 / 2 * (q(lat2) - q(lat1))
+
+
+def test_coarse_global_grid_matches_the_exact_ellipsoidal_zone_area():
+    # 0.5 degree pixels from 0 to 60 N: pixel areas vary by half across the grid, so the library must
+    # take its exact polygon path; the reference is the closed-form area of an ellipsoidal zone.
+    g = Georef(Affine(0.5, 0, 0.0, 0, -0.5, 60.0), CRS.from_epsg(4326).to_wkt())
+    mask = np.zeros((120, 20), bool)
+    mask[:, :] = True
+    m = measure_mask(mask, g)
+    assert m.area_m2 == pytest.approx(_zone_area(0.0, 60.0, 10.0), rel=1e-4)
+    part = np.zeros_like(mask)
+    part[20:60, 4:10] = True  # 50..40 N, 2..5 E
+    assert measure_mask(part, g).area_m2 == pytest.approx(_zone_area(30.0, 50.0, 3.0), rel=1e-4)
+
+
+@pytest.mark.parametrize(
+    "georef",
+    [
+        Georef(Affine(2.5, 0, 800_000, 0, -2.5, 5_000_000), UTM33),
+        Georef(Affine(0.0002, 0, 10.0, 0, -0.0002, 61.0), CRS.from_epsg(4326).to_wkt()),
+        Georef(Affine(20.0, 0, 1e6, 0, -20.0, 7.4e6), CRS.from_epsg(3857).to_wkt()),
+        Georef(Affine.translation(6e5, 5.2e6) @ Affine.rotation(30.0) @ Affine.scale(3.0, -3.0), UTM33),
+    ],
+)
+def test_pixel_integration_agrees_with_polygon_geodesics(georef):
+    # measure_mask integrates per-pixel geodesic areas (fast for masks with many objects); the GeoPackage
+    # uses polygon geodesics. Both must agree on a fragmented mask (the polygon path is tested above).
+    from worker.measure import measure_objects
+
+    rng = np.random.default_rng(11)
+    mask = rng.random((300, 400)) > 0.6
+    mask[50:250, 100:300] = True
+    fast = measure_mask(mask, georef)
+    exact = measure_objects(mask, georef)[0]
+    assert fast.area_m2 == pytest.approx(exact.area_m2, rel=1e-5)
+    assert fast.perimeter_m == pytest.approx(exact.perimeter_m, rel=1e-5)
+    assert fast.count == exact.count
