@@ -1,0 +1,780 @@
+"""Fast decode path: static KV cache, CUDA-graph decode and injection steps, shared image prefixes.
+
+Why: the reference loop (one ``transformers`` forward per token on a ``DynamicCache``, ``.item()`` every
+step) is bound by kernel launches and host round trips; at the 8B shape a decode step only has to stream
+~14 GB of weights, ~5 ms on an H100, if the GPU never waits. So this module
+
+* keeps every per-step tensor (token, position, KV cache, masks, hidden state) in preallocated buffers,
+  so one CUDA graph replays a whole decode step (all layers, lm_head, argmax, teacher forcing);
+* writes injections (the region tokens after a ``[SEG]``) into the same static cache with a second graph of
+  fixed width: rows inject up to ``inject_len`` embeddings while the other rows of the batch decode their
+  next token in the same replay. Neither graph is re-captured or recompiled by an injection;
+* lets the host run one step behind the GPU (it launches step s+1 before reading step s's token through a
+  pinned buffer), so the only waits are at ``[SEG]`` events (the mask needs the hidden state) and at the end;
+* splits the cache into a prefix part shared by every question about the same image (the image tokens,
+  prefilled once per image) and a per-question part, with one joint softmax over both, so a batch of
+  questions about one image reads that image's KV once per step and never copies it.
+
+The decoder math is Qwen2 written out over the ``transformers`` module's own weights (q/k/v and gate/up are
+fused in place as views, so no second copy of the weights exists and the ``transformers`` path keeps
+working). Semantics follow the released inference loop (see ``reference_generate``): a token is appended
+once it has been fed; a ``[SEG]`` step's logits are discarded; ``K`` injected embeddings append ``K``
+placeholder ids; ``max_new_tokens`` counts those placeholders and is checked after ordinary tokens; the
+``max_seg``-th ``[SEG]`` ends generation after its mask.
+
+What a ``[SEG]`` does (SAM-2 decode, token selection, which embeddings to inject) is the caller's
+``SegHandler``; ``SamSegHandler`` implements it from the model's primitives for the bench and tests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .modeling_terrascope import Sam2Features, TerraScopeModel, mask_probabilities
+
+NEG_INF = float("-inf")
+
+
+# ---- data passed in and out ----------------------------------------------------------------------------------
+@dataclass
+class DecodeSettings:
+    """Stop rules (ids, not text: the engine never sees a tokenizer)."""
+
+    stop_ids: tuple[int, ...]
+    seg_id: int
+    max_new_tokens: int = 512
+    max_seg: int = 20
+
+
+@dataclass
+class RowInput:
+    """One question: its prompt embeddings after the shared prefix of ``group`` (at least one)."""
+
+    group: int
+    embeds: torch.Tensor  # [S, H]
+    forced: Sequence[int] | None = None  # teacher-forced ids by emitted position, -1 = free; None = greedy
+
+
+@dataclass
+class RowOutput:
+    token_ids: list[int]
+    stopped: str  # "eos" | "max_new_tokens" | "max_seg" | "cancelled"
+    n_seg: int
+
+
+@dataclass
+class SegRequest:
+    """A row fed ``[SEG]``: ``hidden`` is the last-layer (normed) hidden state of that step."""
+
+    row: int
+    group: int
+    seg_index: int  # 0-based count of this row's [SEG]s
+    hidden: torch.Tensor  # [H]
+    token_ids: list[int]
+
+
+@dataclass
+class SegInjection:
+    """What to feed after a ``[SEG]``: ``embeds`` [K, H] and the K ids that stand for them in the output."""
+
+    embeds: torch.Tensor
+    token_ids: list[int]
+
+
+SegHandler = Callable[[list[SegRequest]], list[SegInjection]]
+TokenFn = Callable[[int, int], None]  # (row, token id)
+
+
+@dataclass
+class DecodeStats:
+    """Where the time of one ``generate`` went (host clock; the host waits only where noted)."""
+
+    suffix_prefill_ms: float = 0.0
+    total_ms: float = 0.0
+    seg_ms: float = 0.0  # [SEG] handling: sync + handler (SAM-2 decode, selection) + injection launch
+    decode_steps: int = 0
+    inject_steps: int = 0
+    graphed: bool = False
+    seg_events: int = 0
+
+
+# ---- weights -------------------------------------------------------------------------------------------------
+@dataclass
+class _Layer:
+    wqkv: torch.Tensor
+    bqkv: torch.Tensor
+    wo: torch.Tensor
+    wgu: torch.Tensor
+    wd: torch.Tensor
+    ln1: torch.Tensor
+    ln2: torch.Tensor
+
+
+def _rebind(linear: nn.Linear, name: str, tensor: torch.Tensor) -> None:
+    setattr(linear, name, nn.Parameter(tensor, requires_grad=False))
+
+
+def _adjacent(parts: Sequence[torch.Tensor]) -> bool:
+    """True when ``parts`` are consecutive row blocks of one storage (our fused layout)."""
+    first = parts[0]
+    off = first.storage_offset()
+    for t in parts:
+        if (t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.storage_offset() != off
+                or not t.is_contiguous()):
+            return False
+        off += t.numel()
+    return True
+
+
+@torch.no_grad()
+def fuse_llm_weights(model: TerraScopeModel) -> list[_Layer]:
+    """Fuse q/k/v and gate/up of every decoder layer in place (the Linear weights become views).
+
+    One GEMV for the three projections and one for [gate|up]; the views keep the ``transformers``
+    modules computing exactly what they did, with no second copy of the weights. Re-fuses if something
+    (e.g. ``model.to``) replaced the views by separate tensors.
+    """
+    layers = []
+    for layer in model.language_model.model.layers:
+        a, m = layer.self_attn, layer.mlp
+        qkv_w = [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]
+        qkv_b = [a.q_proj.bias, a.k_proj.bias, a.v_proj.bias]
+        if not (_adjacent(qkv_w) and _adjacent(qkv_b)):
+            wqkv, bqkv = torch.cat(qkv_w, 0), torch.cat(qkv_b, 0)
+            lo = 0
+            for lin in (a.q_proj, a.k_proj, a.v_proj):
+                hi = lo + lin.out_features
+                _rebind(lin, "weight", wqkv[lo:hi])
+                _rebind(lin, "bias", bqkv[lo:hi])
+                lo = hi
+        if not _adjacent([m.gate_proj.weight, m.up_proj.weight]):
+            ni = m.gate_proj.out_features
+            wgu = torch.cat([m.gate_proj.weight, m.up_proj.weight], 0)
+            _rebind(m.gate_proj, "weight", wgu[:ni])
+            _rebind(m.up_proj, "weight", wgu[ni:])
+        q, b, g = a.q_proj.weight, a.q_proj.bias, m.gate_proj.weight
+        rows = q.shape[0] + a.k_proj.out_features + a.v_proj.out_features
+        wqkv = q.as_strided((rows, q.shape[1]), q.stride())
+        bqkv = b.as_strided((rows,), (1,))
+        wgu = g.as_strided((g.shape[0] + m.up_proj.out_features, g.shape[1]), g.stride())
+        layers.append(_Layer(wqkv, bqkv, a.o_proj.weight, wgu, m.down_proj.weight,
+                             layer.input_layernorm.weight, layer.post_attention_layernorm.weight))
+    return layers
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Qwen2RMSNorm exactly: normalise in float32, round to the input dtype, then scale."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """x*cos + rotate_half(x)*sin with rotate_half's sign folded into ``sin_signed`` (same roundings)."""
+    *lead, d = x.shape
+    flipped = x.reshape(*lead, 2, d // 2).flip(-2).reshape(*lead, d)
+    return x * cos + flipped * sin_signed
+
+
+def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
+    n = gu.shape[-1] // 2
+    return F.silu(gu[..., :n]) * gu[..., n:]
+
+
+# ---- the engine ----------------------------------------------------------------------------------------------
+class _Pending:
+    """Tokens of one launched step: read through a pinned buffer after its event (CUDA) or directly (CPU)."""
+
+    def __init__(self, tok: torch.Tensor, host: torch.Tensor | None) -> None:
+        if host is None:
+            self._values: list[int] | None = tok.tolist()
+            self._event = None
+        else:
+            host.copy_(tok, non_blocking=True)
+            self._host = host
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._values = None
+
+    def tokens(self) -> list[int]:
+        if self._values is None:
+            self._event.synchronize()
+            self._values = self._host.tolist()
+        return self._values
+
+
+class FastDecoder:
+    """Static-cache greedy decoder for ``groups`` x ``rows_per_group`` questions.
+
+    Build once per shape (``get_decoder`` caches them on the model), then per batch: ``set_prefix`` for each
+    group (the shared image prompt), then ``generate``. CUDA graphs are captured on first use when the model
+    is on CUDA (``use_graphs``); on CPU every step runs eagerly through the same code.
+    """
+
+    def __init__(self, model: TerraScopeModel, *, groups: int = 1, rows_per_group: int = 1,
+                 max_prefix: int, max_row_len: int, inject_len: int = 16,
+                 use_graphs: bool | None = None, kernels: str = "eager") -> None:
+        lm = model.language_model.model
+        cfg = lm.config
+        self.model = model
+        self.device = model.device
+        self.dtype = model.dtype
+        self.G, self.R = int(groups), int(rows_per_group)
+        self.B = self.G * self.R
+        self.P = int(max_prefix)
+        self.S = int(max_row_len)
+        self.Linj = int(inject_len)
+        if min(self.G, self.R, self.P, self.S, self.Linj) < 1:
+            raise ValueError("FastDecoder: groups, rows_per_group, max_prefix, max_row_len, inject_len must be >= 1")
+        if self.S <= self.Linj + 1:
+            raise ValueError(f"max_row_len {self.S} must exceed inject_len {self.Linj} + 1")
+        self.nh = cfg.num_attention_heads
+        self.kvh = cfg.num_key_value_heads
+        self.d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.g = self.nh // self.kvh
+        self.H = cfg.hidden_size
+        self.eps = float(lm.norm.variance_epsilon)
+        self.scale = self.d ** -0.5
+        self.layers = fuse_llm_weights(model)
+        self.embed_w = lm.embed_tokens.weight
+        self.norm_w = lm.norm.weight
+        self.lm_head_w = model.language_model.lm_head.weight
+        self.inv_freq = lm.rotary_emb.inv_freq.to(self.device, torch.float32)
+        self.rope_scale = float(getattr(lm.rotary_emb, "attention_scaling", 1.0))
+        if use_graphs is None:
+            use_graphs = self.device.type == "cuda"
+        if use_graphs and self.device.type != "cuda":
+            raise ValueError("CUDA graphs need the model on a CUDA device")
+        self.use_graphs = bool(use_graphs)
+        self.kernels = kernels
+        self._rms, self._rope, self._silu_mul = _rms, _rope, _silu_mul
+        if kernels == "compiled":  # fuse the elementwise chains (norm, rope, SwiGLU) with Inductor
+            self._rms = torch.compile(_rms, dynamic=False)
+            self._rope = torch.compile(_rope, dynamic=False)
+            self._silu_mul = torch.compile(_silu_mul, dynamic=False)
+        elif kernels != "eager":
+            raise ValueError(f"kernels must be 'eager' or 'compiled', got {kernels!r}")
+        self._alloc()
+        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self._pool = None
+        self._ring = None
+        self._ring_i = 0
+        if self.device.type == "cuda":
+            self._ring = torch.zeros(8, self.B, dtype=torch.long, pin_memory=True)
+
+    # ---- buffers ------------------------------------------------------------------------------------------
+    def _alloc(self) -> None:
+        n, G, R, B = len(self.layers), self.G, self.R, self.B
+        kw = {"device": self.device, "dtype": self.dtype}
+        self.k_pre = torch.zeros(n, G, self.kvh, self.P, self.d, **kw)
+        self.v_pre = torch.zeros_like(self.k_pre)
+        self.k_row = torch.zeros(n, G, self.kvh, R, self.S, self.d, **kw)
+        self.v_row = torch.zeros_like(self.k_row)
+        li = {"device": self.device, "dtype": torch.long}
+        self.prefix_len = torch.zeros(G, **li)
+        self.pmask = torch.full((G * self.kvh, 1, self.P), NEG_INF, **kw)
+        self.pos = torch.zeros(B, **li)
+        self.tok = torch.zeros(B, **li)
+        self.count = torch.zeros(B, **li)
+        self.forced = torch.full((B, 1), -1, **li)
+        self.seg_id = torch.zeros((), **li)
+        self.hidden_out = torch.zeros(B, self.H, **kw)
+        self.rag_embeds = torch.zeros(B, self.Linj, self.H, **kw)
+        self.rag_nvalid = torch.ones(B, **li)
+        self.rag_emit = torch.ones(B, dtype=torch.bool, device=self.device)
+        self.ones_b = torch.ones(B, **li)
+        self.arange_b = torch.arange(B, **li)
+        self.slots = torch.arange(self.S, **li)
+        self.cap = self.S - self.Linj - 1  # positions are clamped here so no write leaves the cache
+
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k_pre, self.v_pre, self.k_row, self.v_row))
+
+    # ---- the decoder math ------------------------------------------------------------------------------------
+    def _forward(self, x: torch.Tensor, n_valid: torch.Tensor, emit: torch.Tensor, fused: bool = False) -> None:
+        """Run rows' tokens ``x`` [B, L, H] at their positions; update cache, hidden_out, tok, pos, count.
+
+        Row b's first ``n_valid[b]`` tokens are real; the rest are padding whose cache writes land beyond
+        the row's new position, where the causal mask hides them until real tokens overwrite them.
+        ``fused`` uses the compiled elementwise helpers (graph bodies only: fixed shapes, no recompiles).
+        """
+        rms, rope, silu_mul = (self._rms, self._rope, self._silu_mul) if fused else (_rms, _rope, _silu_mul)
+        G, R, B, kvh, g, d, S, P = self.G, self.R, self.B, self.kvh, self.g, self.d, self.S, self.P
+        L = x.shape[1]
+        nh = self.nh
+        ar = torch.arange(L, device=self.device)
+        lim = self.pos[:, None] + ar[None, :]  # [B, L] last visible row slot of each query
+        row_mask = torch.where(self.slots[None, None, :] <= lim[..., None], 0.0, NEG_INF).to(self.dtype)
+        row_mask = (row_mask.view(G, 1, R, 1, L, S).expand(G, kvh, R, g, L, S).reshape(G * kvh * R, g * L, S))
+        plen = self.prefix_len.repeat_interleave(R) if R > 1 else self.prefix_len
+        abs_pos = (plen + self.pos)[:, None] + ar[None, :]  # [B, L]
+        freqs = abs_pos.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), -1)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, :, None, :]
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)
+        half = d // 2
+        sin_s = torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None, :]
+        slot_idx = lim.view(G, 1, R, L, 1).expand(G, kvh, R, L, d).contiguous()
+        h = x.reshape(B * L, self.H)
+        for li, w in enumerate(self.layers):
+            n1 = rms(h, w.ln1, self.eps)
+            qkv = torch.addmm(w.bqkv, n1, w.wqkv.t()).view(B, L, nh + 2 * kvh, d)
+            qk = rope(qkv[:, :, : nh + kvh], cos, sin_s)
+            k = qk[:, :, nh:].reshape(G, R, L, kvh, d).permute(0, 3, 1, 2, 4)
+            v = qkv[:, :, nh + kvh:].reshape(G, R, L, kvh, d).permute(0, 3, 1, 2, 4)
+            kr, vr = self.k_row[li], self.v_row[li]  # [G, kvh, R, S, d]
+            kr.scatter_(3, slot_idx, k)
+            vr.scatter_(3, slot_idx, v)
+            q = qk[:, :, :nh].reshape(G, R, L, kvh, g, d).permute(0, 3, 1, 4, 2, 5).contiguous()
+            kp = self.k_pre[li].view(G * kvh, P, d)
+            vp = self.v_pre[li].view(G * kvh, P, d)
+            sp = torch.baddbmm(self.pmask, q.view(G * kvh, R * g * L, d), kp.transpose(1, 2), alpha=self.scale)
+            sr = torch.baddbmm(row_mask, q.view(G * kvh * R, g * L, d),
+                               kr.view(G * kvh * R, S, d).transpose(1, 2), alpha=self.scale)
+            probs = torch.cat((sp.view(G, kvh, R, g * L, P), sr.view(G, kvh, R, g * L, S)), -1).softmax(-1)
+            o = torch.bmm(probs[..., :P].reshape(G * kvh, R * g * L, P), vp)
+            o = torch.baddbmm(o.view(G * kvh * R, g * L, d), probs[..., P:].reshape(G * kvh * R, g * L, S),
+                              vr.view(G * kvh * R, S, d))
+            o = o.view(G, kvh, R, g, L, d).permute(0, 2, 4, 1, 3, 5).reshape(B * L, nh * d)
+            h = torch.addmm(h, o, w.wo.t())
+            n2 = rms(h, w.ln2, self.eps)
+            h = torch.addmm(h, silu_mul(n2 @ w.wgu.t()), w.wd.t())
+        last = h.view(B, L, self.H)[self.arange_b, n_valid - 1]
+        normed = rms(last, self.norm_w, self.eps)
+        self.hidden_out.copy_(normed)
+        best = (normed @ self.lm_head_w.t()).argmax(-1)
+        col = self.count.clamp(max=self.forced.shape[1] - 1)[:, None]
+        f = self.forced.gather(1, col)[:, 0]
+        self.tok.copy_(torch.where(f >= 0, f, best))
+        self.count.add_(emit.long())
+        self.pos.copy_(torch.clamp(self.pos + n_valid, max=self.cap))
+
+    def _decode_body(self) -> None:
+        emit = self.tok != self.seg_id  # a step fed [SEG] emits nothing: its logits are discarded
+        x = F.embedding(self.tok[:, None], self.embed_w)
+        self._forward(x, self.ones_b, emit, fused=True)
+
+    def _ragged_body(self) -> None:
+        self._forward(self.rag_embeds, self.rag_nvalid, self.rag_emit, fused=True)
+
+    # ---- graphs -----------------------------------------------------------------------------------------------
+    def _capture(self, name: str, body: Callable[[], None]) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream, then capture. Warm-up writes only scratch state that generate resets."""
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                body()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            body()
+        self._pool = graph.pool()
+        self._graphs[name] = graph
+        return graph
+
+    def capture(self) -> None:
+        """Capture both graphs now (otherwise on first use), e.g. while loading."""
+        if not self.use_graphs:
+            return
+        with torch.no_grad():
+            self._reset_state()
+            if "decode" not in self._graphs:
+                self._capture("decode", self._decode_body)
+            if "ragged" not in self._graphs:
+                self._capture("ragged", self._ragged_body)
+            self._reset_state()
+
+    def _reset_state(self) -> None:
+        self.pos.zero_()
+        self.tok.zero_()
+        self.count.zero_()
+        self.rag_nvalid.fill_(1)
+        self.rag_emit.fill_(True)
+
+    def _launch_decode(self) -> None:
+        if self.use_graphs:
+            self._graphs["decode"].replay()
+        else:
+            self._decode_body()
+
+    def _launch_ragged(self) -> None:
+        self._graphs["ragged"].replay()
+
+    def _post(self) -> _Pending:
+        if self._ring is None:
+            return _Pending(self.tok, None)
+        slot = self._ring[self._ring_i % self._ring.shape[0]]
+        self._ring_i += 1
+        return _Pending(self.tok, slot)
+
+    # ---- prefixes ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def set_prefix(self, group: int, embeds: torch.Tensor) -> None:
+        """Prefill ``embeds`` [P, H] (the shared image prompt) once into group ``group``'s prefix cache."""
+        if not 0 <= group < self.G:
+            raise ValueError(f"group {group} out of range (decoder has {self.G})")
+        P = embeds.shape[0]
+        if not 1 <= P <= self.P:
+            raise ValueError(f"prefix of {P} tokens does not fit max_prefix={self.P}")
+        kvh, d, nh = self.kvh, self.d, self.nh
+        h = embeds.to(self.device, self.dtype).reshape(P, self.H)
+        freqs = torch.arange(P, device=self.device).float()[:, None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), -1)
+        cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None, :]
+        sin = (emb.sin() * self.rope_scale).to(self.dtype)
+        sin_s = torch.cat((-sin[:, : d // 2], sin[:, d // 2:]), -1)[:, None, :]
+        for li, w in enumerate(self.layers):
+            n1 = _rms(h, w.ln1, self.eps)
+            qkv = torch.addmm(w.bqkv, n1, w.wqkv.t()).view(P, nh + 2 * kvh, d)
+            qk = _rope(qkv[:, : nh + kvh], cos, sin_s)
+            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + kvh:]
+            self.k_pre[li, group, :, :P].copy_(k.transpose(0, 1))
+            self.v_pre[li, group, :, :P].copy_(v.transpose(0, 1))
+            kk = k.transpose(0, 1).repeat_interleave(self.g, 0)[None]
+            vv = v.transpose(0, 1).repeat_interleave(self.g, 0)[None]
+            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk, vv, is_causal=True)
+            h = torch.addmm(h, o[0].transpose(0, 1).reshape(P, nh * d), w.wo.t())
+            h = torch.addmm(h, _silu_mul(_rms(h, w.ln2, self.eps) @ w.wgu.t()), w.wd.t())
+        self.prefix_len[group] = P
+        mask = torch.full((self.P,), NEG_INF, device=self.device, dtype=self.dtype)
+        mask[:P] = 0.0
+        self.pmask.view(self.G, self.kvh, self.P)[group] = mask
+
+    # ---- generation -----------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, rows: Sequence[RowInput], settings: DecodeSettings, on_seg: SegHandler, *,
+                 on_token: TokenFn | None = None, should_stop: Callable[[], bool] | None = None,
+                 stats: DecodeStats | None = None) -> list[RowOutput]:
+        """Greedy-decode every row (with [SEG] events) and return their outputs in the order given."""
+        t_start = time.perf_counter()
+        stats = stats if stats is not None else DecodeStats()
+        stats.graphed = self.use_graphs
+        slot_of = self._arrange(rows)
+        self.capture()  # no-op once captured; must not run mid-generation (its warm-up moves the state)
+        B = self.B
+        width = max(r.embeds.shape[0] for r in rows)
+        if any(r.embeds.shape[0] < 1 for r in rows) or width > self.cap:
+            raise ValueError(f"question prompts must have 1..{self.cap} tokens, got up to {width}")
+        self._reset_state()
+        self.seg_id.fill_(settings.seg_id)
+        self._load_forced(rows, slot_of)
+
+        # suffix prefill: every question's own prompt, in one eager ragged step
+        emb = torch.zeros(B, width, self.H, device=self.device, dtype=self.dtype)
+        used = [1] * B  # host mirror of each live row's cache position
+        for s, r in zip(slot_of, rows):
+            emb[s, : r.embeds.shape[0]] = r.embeds.to(self.device, self.dtype)
+            used[s] = r.embeds.shape[0]
+        self._forward(emb, torch.tensor(used, device=self.device), torch.ones(B, dtype=torch.bool,
+                                                                                device=self.device))
+        prev = self._post()
+        if self.device.type == "cuda":
+            prev.tokens()
+        stats.suffix_prefill_ms = (time.perf_counter() - t_start) * 1e3
+
+        row_of = {s: i for i, s in enumerate(slot_of)}
+        ids: list[list[int]] = [[] for _ in range(B)]
+        n_seg = [0] * B
+        stopped = ["eos"] * B
+        done = [s not in row_of for s in range(B)]
+        stop_ids = set(settings.stop_ids)
+        prev_emitting = list(slot_of)  # rows whose output of the last launched step is a real token
+        prev_seg: list[int] = []  # rows that were fed [SEG] by the last launched step
+
+        def finish(s: int, why: str) -> None:
+            done[s] = True
+            stopped[s] = why
+
+        def consume(tokens: list[int], emitting: list[int]) -> list[int]:
+            segs = []
+            for s in emitting:
+                if done[s]:
+                    continue
+                t = tokens[s]
+                ids[s].append(t)
+                if on_token is not None:
+                    on_token(row_of[s], t)
+                if t in stop_ids:
+                    finish(s, "eos")
+                elif t == settings.seg_id:
+                    segs.append(s)
+                elif len(ids[s]) >= settings.max_new_tokens:
+                    finish(s, "max_new_tokens")
+            if should_stop is not None and should_stop():
+                for s in range(B):
+                    if not done[s]:
+                        finish(s, "cancelled")
+                return []
+            return segs
+
+        while True:
+            if prev_seg:
+                t0 = time.perf_counter()
+                tokens = prev.tokens()  # the [SEG] step must finish: its hidden state makes the mask
+                new_seg = consume(tokens, [s for s in prev_emitting if s not in prev_seg])
+                segs = [s for s in prev_seg if not done[s]]
+                reqs = [SegRequest(row_of[s], s // self.R, n_seg[s], self.hidden_out[s].clone(), list(ids[s]))
+                        for s in segs]
+                injections = on_seg(reqs) if reqs else []
+                if len(injections) != len(reqs):
+                    raise RuntimeError("SegHandler returned a different number of injections than requests")
+                inject: dict[int, torch.Tensor] = {}
+                for s, inj in zip(segs, injections):
+                    ids[s].extend(inj.token_ids)
+                    n_seg[s] += 1
+                    stats.seg_events += 1
+                    if n_seg[s] >= settings.max_seg:
+                        finish(s, "max_seg")
+                        continue
+                    k = inj.embeds.shape[0]
+                    if k < 1:
+                        raise ValueError("an injection needs at least one embedding")
+                    if used[s] + k + 1 > self.cap:
+                        raise ValueError(f"answer outgrew the cache (max_row_len={self.S}); raise it")
+                    inject[s] = inj.embeds
+                if all(done):
+                    stats.seg_ms += (time.perf_counter() - t0) * 1e3
+                    break
+                wide = max([e.shape[0] for e in inject.values()] + [1])
+                nv = [1] * B
+                em = [s not in new_seg for s in range(B)]
+                buf = self.rag_embeds if wide <= self.Linj else torch.zeros(
+                    B, wide, self.H, device=self.device, dtype=self.dtype)
+                buf[:, 0] = F.embedding(self.tok, self.embed_w)  # rows not injecting feed their last token
+                for s, e in inject.items():
+                    buf[s, : e.shape[0]] = e.to(self.device, self.dtype)
+                    nv[s], em[s] = e.shape[0], True
+                self.rag_nvalid.copy_(torch.tensor(nv))
+                self.rag_emit.copy_(torch.tensor(em))
+                if wide <= self.Linj and self.use_graphs:
+                    self._launch_ragged()
+                else:  # CPU, or wider than the injection graph: an eager step at this width
+                    self._forward(buf[:, :wide], self.rag_nvalid, self.rag_emit)
+                stats.inject_steps += 1
+                for s in range(B):
+                    used[s] += nv[s]
+                prev = self._post()
+                prev_emitting = [s for s in range(B) if not done[s] and em[s]]
+                prev_seg = [s for s in new_seg if not done[s]]
+                stats.seg_ms += (time.perf_counter() - t0) * 1e3
+                continue
+            if all(done):
+                break
+            if any(used[s] + 1 > self.cap for s in range(B) if not done[s]):
+                raise ValueError(f"answer outgrew the cache (max_row_len={self.S}); raise it")
+            self._launch_decode()  # step s+1 is queued before step s is read: the GPU never idles here
+            stats.decode_steps += 1
+            for s in range(B):
+                used[s] += 1
+            cur = self._post()
+            new_seg = consume(prev.tokens(), prev_emitting)
+            prev = cur
+            prev_seg = [s for s in new_seg if not done[s]]
+            prev_emitting = [s for s in range(B) if not done[s] and s not in new_seg]
+            if all(done):
+                break
+        stats.total_ms = (time.perf_counter() - t_start) * 1e3
+        return [RowOutput(ids[s], stopped[s], n_seg[s]) for s in slot_of]
+
+    def _arrange(self, rows: Sequence[RowInput]) -> list[int]:
+        """Batch slot of each row: group-major, ``R`` slots per group; unused slots idle."""
+        if not rows:
+            raise ValueError("generate needs at least one row")
+        used = [0] * self.G
+        slots = []
+        for r in rows:
+            if not 0 <= r.group < self.G:
+                raise ValueError(f"row group {r.group} out of range (decoder has {self.G} groups)")
+            if int(self.prefix_len[r.group]) < 1:
+                raise ValueError(f"group {r.group} has no prefix: call set_prefix first")
+            if used[r.group] >= self.R:
+                raise ValueError(f"more than {self.R} questions for group {r.group}")
+            slots.append(r.group * self.R + used[r.group])
+            used[r.group] += 1
+        return slots
+
+    def _load_forced(self, rows: Sequence[RowInput], slot_of: list[int]) -> None:
+        longest = max([len(r.forced) for r in rows if r.forced is not None] + [0])
+        table = torch.full((self.B, longest + 1), -1, dtype=torch.long)
+        for s, r in zip(slot_of, rows):
+            if r.forced is not None:
+                table[s, : len(r.forced)] = torch.tensor(list(r.forced), dtype=torch.long)
+        if tuple(table.shape) != tuple(self.forced.shape):
+            if self._graphs:  # the graphs captured the old table's address: copy into a fixed-width one
+                if table.shape[1] > self.forced.shape[1]:
+                    raise ValueError(f"forced traces longer than {self.forced.shape[1] - 1} tokens need a "
+                                     "new decoder (max_forced)")
+                self.forced.fill_(-1)
+                self.forced[:, : table.shape[1]] = table.to(self.device)
+                return
+            self.forced = table.to(self.device)
+        else:
+            self.forced.copy_(table)
+
+    def reserve_forced(self, length: int) -> None:
+        """Make room for forced traces of ``length`` ids before the graphs are captured (benchmarks)."""
+        if self._graphs:
+            raise RuntimeError("reserve_forced must be called before the graphs are captured")
+        self.forced = torch.full((self.B, length + 1), -1, dtype=torch.long, device=self.device)
+
+
+# ---- decoder cache on the model ------------------------------------------------------------------------------
+def _round_up(n: int, m: int) -> int:
+    return max(m, math.ceil(n / m) * m)
+
+
+def get_decoder(model: TerraScopeModel, *, prefix_len: int, max_row_len: int, groups: int = 1,
+                rows_per_group: int = 1, inject_len: int = 16, kernels: str = "eager") -> FastDecoder:
+    """A cached ``FastDecoder`` large enough for these sizes (rounded up so shapes and graphs get reused)."""
+    cache: dict[tuple, FastDecoder] = model.__dict__.setdefault("_ts_fast_decoders", {})
+    key = (groups, rows_per_group, _round_up(prefix_len, 512), _round_up(max_row_len, 256), inject_len, kernels)
+    dec = cache.get(key)
+    if dec is None:
+        for k in [k for k in cache if k[:2] == key[:2] and k[4:] == key[4:]]:
+            del cache[k]  # a bigger decoder of the same batch shape replaces a smaller one
+        dec = FastDecoder(model, groups=groups, rows_per_group=rows_per_group, max_prefix=key[2],
+                          max_row_len=key[3], inject_len=inject_len, kernels=kernels)
+        cache[key] = dec
+    return dec
+
+
+def row_capacity(prompt_len: int, settings: DecodeSettings, inject_len: int) -> int:
+    """The per-question cache length ``generate`` needs for these settings."""
+    return prompt_len + settings.max_new_tokens + settings.max_seg * (inject_len + 1) + inject_len + 4
+
+
+# ---- the reference loop (the released code's behaviour; also the naive baseline) ------------------------------
+@torch.no_grad()
+def reference_generate(model: TerraScopeModel, prompt_embeds: torch.Tensor, settings: DecodeSettings,
+                       on_seg: SegHandler, *, forced: Sequence[int] | None = None,
+                       on_token: TokenFn | None = None) -> RowOutput:
+    """Eager loop on a ``DynamicCache``: one forward and one ``.item()`` per token, like the official code."""
+    cache = model.new_cache()
+    _, logits = model.lm_forward(prompt_embeds.to(model.device, model.dtype)[None], cache, 0)
+    pos = prompt_embeds.shape[0]
+    ids: list[int] = []
+    n_emit = 0
+
+    def pick(lg: torch.Tensor) -> int:
+        if forced is not None and n_emit < len(forced) and forced[n_emit] >= 0:  # -1: not forced
+            return int(forced[n_emit])
+        return int(lg[0, -1].argmax().item())
+
+    next_id = pick(logits)
+    n_seg = 0
+    while True:
+        hidden, logits = model.lm_forward(model.embed_ids(torch.tensor([[next_id]])), cache, pos)
+        pos += 1
+        tok = next_id
+        ids.append(tok)
+        n_emit += 1
+        if on_token is not None:
+            on_token(0, tok)
+        if tok in settings.stop_ids:
+            return RowOutput(ids, "eos", n_seg)
+        if tok == settings.seg_id:
+            inj = on_seg([SegRequest(0, 0, n_seg, hidden[0, -1], list(ids))])[0]
+            ids.extend(inj.token_ids)
+            n_seg += 1
+            if n_seg >= settings.max_seg:
+                return RowOutput(ids, "max_seg", n_seg)
+            _, logits = model.lm_forward(inj.embeds.to(model.device, model.dtype)[None], cache, pos)
+            pos += inj.embeds.shape[0]
+            next_id = pick(logits)
+            continue
+        next_id = pick(logits)
+        if len(ids) >= settings.max_new_tokens:
+            return RowOutput(ids, "max_new_tokens", n_seg)
+
+
+# ---- a [SEG] handler built from the model's primitives -------------------------------------------------------
+@dataclass
+class SegImage:
+    """One image a [SEG] can point at."""
+
+    features: Sam2Features | None  # SAM-2 embeddings of this image (1 frame), computed once
+    hw: tuple[int, int]  # the image's own pixel grid: masks come back at this size
+    select: Callable[[np.ndarray], list[int]]  # bool mask -> visual token indices
+    region_embeds: Callable[[list[int]], torch.Tensor]  # token indices -> [K, H] embeddings to inject
+    sam2_pixels: torch.Tensor | None = None  # [1, 3, 1024, 1024]; re-encoded at each [SEG] when reencode
+
+
+@dataclass
+class SegGroup:
+    images: list[SegImage]
+    route: Callable[[int], int] = field(default=lambda k: 0)  # [SEG] index -> image index
+
+
+@dataclass
+class SegRecord:
+    row: int
+    seg_index: int
+    image_index: int
+    mask: np.ndarray
+    score: float
+    token_indices: list[int]
+
+
+class SamSegHandler:
+    """SAM-2 decode of every pending [SEG] in one batch, selection on the host, region embeddings back.
+
+    ``reencode=True`` runs the SAM-2 image encoder again at every [SEG] (what the released code does; used
+    as the naive baseline). ``records`` keeps every mask for tests and reports.
+    """
+
+    def __init__(self, model: TerraScopeModel, groups: list[SegGroup], region_id: int,
+                 suppress_no_object: bool = True, reencode: bool = False) -> None:
+        self.model = model
+        self.groups = groups
+        self.region_id = region_id
+        self.suppress = suppress_no_object
+        self.reencode = reencode
+        self.records: list[SegRecord] = []
+
+    @torch.no_grad()
+    def __call__(self, reqs: list[SegRequest]) -> list[SegInjection]:
+        m = self.model
+        prompts = m.seg_prompt(torch.stack([r.hidden for r in reqs]))
+        images = []
+        for r in reqs:
+            grp = self.groups[r.group]
+            idx = grp.route(r.seg_index)
+            images.append((idx, grp.images[idx]))
+        feats = []
+        for _, im in images:
+            if self.reencode:
+                if im.sam2_pixels is None:
+                    raise ValueError("reencode needs SegImage.sam2_pixels")
+                feats.append(m.sam2_encode(im.sam2_pixels))
+            else:
+                if im.features is None:
+                    raise ValueError("SegImage.features is missing")
+                feats.append(im.features)
+        batch = Sam2Features([torch.cat([f.image_embeddings[i] for f in feats]) for i in
+                              range(len(feats[0].image_embeddings))], feats[0].image_pe)
+        out = m.sam2_decode(batch, prompts)
+        masks: list[torch.Tensor] = []
+        for i, (_, im) in enumerate(images):
+            prob = mask_probabilities(out.low_res[i:i + 1], im.hw)[0]
+            mask = prob > 0.5
+            if self.suppress:
+                mask = mask & (out.object_score[i, 0] > 0)
+            masks.append(mask)
+        host = [mk.cpu().numpy() for mk in masks]
+        scores = out.iou.gather(1, out.best[:, None])[:, 0].tolist()
+        result = []
+        for r, (idx, im), mk, sc in zip(reqs, images, host, scores):
+            chosen = im.select(mk)
+            emb = im.region_embeds(chosen)
+            self.records.append(SegRecord(r.row, r.seg_index, idx, mk, float(sc), list(chosen)))
+            result.append(SegInjection(emb, [self.region_id] * emb.shape[0]))
+        return result
