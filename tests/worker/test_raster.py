@@ -275,3 +275,20 @@ def test_sliding_windows_cover_the_grid_and_stitch_back_exactly():
     with pytest.raises(RasterError):
         sliding_windows(shape, tile=64, overlap=64)
     assert sliding_windows((10, 10), tile=256, overlap=32)[0].height == 10
+
+
+def test_gcp_only_raster_gets_the_gcps_affine(tmp_path):
+    from rasterio.control import GroundControlPoint as GCP
+
+    # corners of a 100 x 50 grid of 10 m pixels, rotated 90 degrees (rows run east), known only by GCPs
+    gcps = [GCP(row=0, col=0, x=500_000, y=5_000_000), GCP(row=0, col=100, x=500_000, y=4_999_000),
+            GCP(row=50, col=0, x=500_500, y=5_000_000), GCP(row=50, col=100, x=500_500, y=4_999_000)]
+    with rasterio.open(tmp_path / "gcp.tif", "w", driver="GTiff", width=100, height=50, count=1, dtype="uint8",
+                       gcps=gcps, crs="EPSG:32633") as dst:
+        dst.write(np.ones((1, 50, 100), np.uint8))
+    with rasterio.open(tmp_path / "gcp.tif") as ds:
+        g = Georef.from_dataset(ds)
+    assert CRS.from_wkt(g.crs_wkt).to_epsg() == 32633
+    assert g.transform @ (100, 50) == pytest.approx((500_500, 4_999_000))
+    m = measure_mask(np.ones((50, 100), bool), g)
+    assert m.area_ha == pytest.approx(50.0 / 0.9996**2, rel=1e-3)  # 500 m x 1000 m on the central meridian
