@@ -1,0 +1,113 @@
+"""Processing: "Ask about a region" - one raster (+ optional SAR or second date) and a question -> masks."""
+
+from __future__ import annotations
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsProcessing,
+    QgsProcessingException,
+    QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
+    QgsProcessingParameterExtent,
+    QgsProcessingParameterFeatureSink,
+    QgsProcessingParameterRasterLayer,
+    QgsProcessingParameterString,
+    QgsWkbTypes,
+)
+
+from .alg_common import (
+    TerraScopeAlgorithm,
+    add_mask_features,
+    ellipsoid_of,
+    mask_fields,
+    parse_options,
+    read_layer,
+)
+from .client import WorkerError, WorkerUnavailable
+from .errors import describe
+from .headless import ask_windows
+from .rasters import RasterReadError
+
+
+class AskRegionAlgorithm(TerraScopeAlgorithm):
+    INPUT, QUESTION, OPTIONS, EXTENT, SAR, PAIR, OUTPUT = "INPUT", "QUESTION", "OPTIONS", "EXTENT", "SAR", "PAIR", "OUTPUT"
+
+    def name(self) -> str:
+        return "ask_region"
+
+    def displayName(self) -> str:
+        return "Ask about a region"
+
+    def shortHelpString(self) -> str:
+        return ("Asks TerraScope one question about a raster (optionally limited to an extent, with a SAR layer "
+                "or a second date) and writes each [SEG] step's mask as polygons with label, step, area_ha "
+                "(ellipsoidal, QgsDistanceArea), perimeter_m and score. The answer, choice and reasoning are "
+                "outputs of the algorithm.")
+
+    def createInstance(self) -> AskRegionAlgorithm:
+        return AskRegionAlgorithm()
+
+    def initAlgorithm(self, config=None) -> None:
+        self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster"))
+        self.addParameter(QgsProcessingParameterString(self.QUESTION, "Question", multiLine=True))
+        self.addParameter(QgsProcessingParameterString(self.OPTIONS, "Options (one per line or separated by |)",
+                                                       multiLine=True, optional=True))
+        self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Region (default: whole raster)", optional=True))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.SAR, "SAR layer (optional)", optional=True))
+        self.addParameter(QgsProcessingParameterRasterLayer(self.PAIR, "Second date (optional: before/after pair)",
+                                                            optional=True))
+        self.add_worker_parameters()
+        self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Masks", QgsProcessing.TypeVectorPolygon))
+        self.addOutput(QgsProcessingOutputString("ANSWER", "Answer"))
+        self.addOutput(QgsProcessingOutputString("CHOICE", "Choice"))
+        self.addOutput(QgsProcessingOutputString("REASONING", "Reasoning"))
+        self.addOutput(QgsProcessingOutputNumber("AREA_HA", "Total area of all steps (ha)"))
+
+    def processAlgorithm(self, parameters, context, feedback):
+        layer = self.parameterAsRasterLayer(parameters, self.INPUT, context)
+        if layer is None:
+            raise QgsProcessingException("The raster layer could not be opened.")
+        question = self.parameterAsString(parameters, self.QUESTION, context).strip()
+        if not question:
+            raise QgsProcessingException("The question is empty.")
+        options = parse_options(self.parameterAsString(parameters, self.OPTIONS, context))
+        sar = self.parameterAsRasterLayer(parameters, self.SAR, context)
+        pair = self.parameterAsRasterLayer(parameters, self.PAIR, context)
+        if sar is not None and pair is not None:
+            raise QgsProcessingException("Give either a SAR layer or a second date, not both.")
+        settings = self.settings(parameters, context)
+        conn = self.connect(settings, feedback)
+        try:
+            max_side = min(settings.max_side, conn.max_side or settings.max_side)
+            region = None
+            if parameters.get(self.EXTENT):
+                region = self.parameterAsExtent(parameters, self.EXTENT, context, layer.crs())
+            layers = [(layer, "t0" if pair is not None else "optical")]
+            if sar is not None:
+                layers.append((sar, "sar"))
+            if pair is not None:
+                layers.append((pair, "t1"))
+            windows = []
+            for lay, role in layers:
+                lay_region = None
+                if region is not None:
+                    lay_region = self.parameterAsExtent(parameters, self.EXTENT, context, lay.crs())
+                windows.append(read_layer(lay, lay_region, max_side, role))
+            feedback.setProgress(10)
+            record = ask_windows(conn.client, question, windows, options, settings.generation(),
+                                 context.transformContext(), ellipsoid_of(context), feedback.isCanceled)
+        except (WorkerError, WorkerUnavailable, RasterReadError, ValueError) as exc:
+            raise QgsProcessingException(describe(exc)) from None
+        finally:
+            conn.close()
+        crs = QgsCoordinateReferenceSystem.fromWkt(windows[0].crs_wkt) if windows[0].crs_wkt else layer.crs()
+        fields = mask_fields(with_source=False)
+        sink, dest = self.parameterAsSink(parameters, self.OUTPUT, context, fields, QgsWkbTypes.MultiPolygon, crs)
+        if sink is None:
+            raise QgsProcessingException("The masks output could not be created.")
+        add_mask_features(sink, record, fields, crs, context)
+        feedback.pushInfo(f"Answer: {record.answer}")
+        total = sum(s.area_ha or 0.0 for s in record.steps)
+        feedback.setProgress(100)
+        return {self.OUTPUT: dest, "ANSWER": record.answer, "CHOICE": record.choice or "",
+                "REASONING": record.reasoning, "AREA_HA": total}
