@@ -2,7 +2,7 @@
 
 Torch-free and QGIS-free (numpy + pyzmq >= 24). Every wait is bounded: a worker that is dead,
 hung, unreachable or refuses our CURVE key raises :class:`WorkerUnavailable` within
-``timeout_s`` (default 5 s). While an ``ask`` runs the client pings every ``heartbeat_s`` and
+``timeout_s`` (default 4 s). While an ``ask`` runs the client pings every ``heartbeat_s`` and
 names the job, so a worker can cancel jobs whose client went away.
 
 One client = one socket = one thread at a time. Use a client per QgsTask/thread; cancel an
@@ -69,7 +69,7 @@ class WorkerClient:
     def __init__(
         self,
         endpoint: str = P.DEFAULT_ENDPOINT,
-        timeout_s: float = 5.0,
+        timeout_s: float = 4.0,
         curve_server_key: str | bytes | None = None,
         curve_client_keys: tuple[Any, Any] | None = None,
         *,
@@ -95,6 +95,7 @@ class WorkerClient:
             self._client_keys = None
         self._ctx = context or zmq.Context.instance()
         self._sock: zmq.Socket | None = None
+        self._monitor: zmq.Socket | None = None
         self._lock = threading.Lock()
 
     # --- socket lifecycle -------------------------------------------------------------------
@@ -109,6 +110,11 @@ class WorkerClient:
             if self._server_key is not None:
                 s.curve_serverkey = self._server_key
                 s.curve_publickey, s.curve_secretkey = self._client_keys
+            s.setsockopt(zmq.HEARTBEAT_IVL, 1000)
+            s.setsockopt(zmq.HEARTBEAT_TIMEOUT, 4000)
+            # Connection events let an ask notice a worker that died (its socket closed) at once,
+            # instead of waiting for the heartbeat timeout.
+            self._monitor = s.get_monitor_socket(zmq.EVENT_DISCONNECTED)
             s.connect(self.endpoint)
             self._sock = s
         return self._sock
@@ -116,8 +122,24 @@ class WorkerClient:
     def _reset(self) -> None:
         """Drop the socket: after a timeout its queues may hold stale traffic."""
         if self._sock is not None:
+            if self._monitor is not None:
+                try:
+                    self._sock.disable_monitor()
+                except zmq.ZMQError:
+                    pass
+                self._monitor.close(linger=0)
+                self._monitor = None
             self._sock.close(linger=0)
             self._sock = None
+
+    def _disconnected(self) -> bool:
+        """True if the connection to the worker dropped since the last call (drains the events)."""
+        seen = False
+        while self._monitor is not None and self._monitor.poll(0):
+            frames = self._monitor.recv_multipart()
+            event = int.from_bytes(frames[0][:2], "little")
+            seen = seen or event == zmq.EVENT_DISCONNECTED
+        return seen
 
     def close(self) -> None:
         self._reset()
@@ -251,6 +273,8 @@ class WorkerClient:
             header.setdefault("id", P.new_id())
             header["client_heartbeat_s"] = self.heartbeat_s
             rid = header["id"]
+            self._socket()
+            self._disconnected()  # forget drops that happened before this request
             self._send(header, arrays)
             try:
                 return self._stream(rid, on_event, should_cancel, max_wait_s)
@@ -280,6 +304,12 @@ class WorkerClient:
             if now >= next_ping:
                 self._send(P.request("ping", active=[rid]), wait=False)
                 next_ping = now + self.heartbeat_s
+            if self._disconnected():
+                self._reset()
+                raise WorkerUnavailable(
+                    f"the TerraScope worker at {self.endpoint} closed the connection during request {rid}: "
+                    "it stopped or crashed"
+                )
             if now - last_seen > self.timeout_s:
                 self._reset()
                 raise WorkerUnavailable(

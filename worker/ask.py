@@ -101,6 +101,8 @@ def run_ask(args: argparse.Namespace) -> int:
         header, arrays = P.build_ask(args.question, _remote_payloads(items, args.max_side), args.option or None,
                                      settings, measure_grounding=args.ground)
         client = _client(args)
+        if args.forced_prefix:
+            header["forced_prefix"] = args.forced_prefix
     else:
         from worker.service import ServiceConfig, WorkerService
 
@@ -116,6 +118,8 @@ def run_ask(args: argparse.Namespace) -> int:
                            measure_grounding=bool(args.ground))
         if args.option:
             header["options"] = list(args.option)
+        if args.forced_prefix:
+            header["forced_prefix"] = args.forced_prefix
         arrays = {}
         client = WorkerClient(endpoint, timeout_s=max(args.timeout, 5.0))
     stream = None if args.json else sys.stdout

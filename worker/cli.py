@@ -323,6 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--ground", dest="ground", action="store_true", default=False,
                    help="measurement grounding: feed each mask's measured area back into the reasoning")
     a.add_argument("--no-ground", dest="ground", action="store_false")
+    a.add_argument("--forced-prefix", help="teacher-force the start of the reply (tests and demos)")
     _add_client_opts(a, endpoint_default=None)
     a.set_defaults(func=cmd_ask)
 

@@ -371,7 +371,8 @@ class WorkerService:
                 image=step.image_index,
                 score=float(step.score),
                 measurements=meas,
-                grounding_text=step.grounding_text,
+                # the model may call on_mask before grounding(); the span is ours either way
+                grounding_text=step.grounding_text or (meas.get("grounding") if req.measure_grounding else None),
                 grid={"geotransform": list(prep.georef.to_gdal()), "crs_wkt": prep.georef.crs_wkt,
                       "shape": list(mask.shape)},
                 token_indices=[int(i) for i in step.token_indices],
@@ -387,6 +388,7 @@ class WorkerService:
             return job.cancel.is_set() or self._stop.is_set()
 
         assert self.model is not None
+        extra = {"forced_prefix": req.forced_prefix} if req.forced_prefix else {}
         result = self.model.answer(
             images,
             req.question,
@@ -396,6 +398,7 @@ class WorkerService:
             on_mask=on_mask,
             grounding=grounding if req.measure_grounding else None,
             should_stop=should_stop,
+            **extra,
         )
         steps_out = []
         for step in result.steps:
@@ -758,8 +761,8 @@ class WorkerService:
             error=self.load_error,
             model=self._model_info,
             device=self._model_info.get("device"),
-            gpu=gpu_info(),
-            versions=versions(),
+            gpu=gpu_info() if self.state == "ready" else None,  # torch may be half-imported while loading
+            versions=versions(complete=self.state != "loading"),
             limits=self.config.limits.to_dict() | {"max_queue": self.config.max_queue,
                                                     "max_side": self.config.max_side},
             protocol_version=P.PROTOCOL_VERSION,
@@ -807,13 +810,13 @@ def gpu_info() -> dict | None:
         return {"error": str(exc)}
 
 
-def versions() -> dict:
+def versions(complete: bool = True) -> dict:
     import platform
     from importlib import metadata
 
     out = {"python": platform.python_version(), "numpy": np.__version__, "pyzmq": zmq.__version__,
            "libzmq": zmq.zmq_version()}
-    for mod in ("torch", "transformers"):
+    for mod in ("torch", "transformers") if complete else ():
         m = sys.modules.get(mod)
         if m is not None:
             out[mod] = getattr(m, "__version__", "?")

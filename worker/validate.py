@@ -51,6 +51,7 @@ class AskRequest:
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     measure_grounding: bool = False
     client_heartbeat_s: float | None = None
+    forced_prefix: str | None = None  # teacher-forced start of the reply (tests, demos)
 
 
 def _err(code: str, message: str, rid: str | None) -> P.ProtocolError:
@@ -255,8 +256,12 @@ def validate_ask(
     hb = header.get("client_heartbeat_s")
     if hb is not None:
         hb = float(_number(hb, "client_heartbeat_s", rid, 0.05, 60.0))
+    forced = header.get("forced_prefix")
+    if forced is not None:
+        forced = _text(forced, "forced_prefix", rid, limits.max_question_chars)
     return AskRequest(
         id=rid,
+        forced_prefix=forced,
         question=question,
         images=images,
         options=options,

@@ -10,7 +10,8 @@ from workerlib import WorkerProc, start_worker
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory) -> Iterator[WorkerProc]:
-    """One shared worker per test module (size limit 80 MB so the too-large case is cheap)."""
-    wp = start_worker(tmp_path_factory.mktemp("worker"), "--max-message-bytes", "80000000", "--max-queue", "2")
+    """One shared worker per test module: 80 MB size limit, 2 queue slots, model view <= 256 px."""
+    wp = start_worker(tmp_path_factory.mktemp("worker"), "--max-message-bytes", "80000000", "--max-queue", "2",
+                      "--max-side", "256")
     yield wp
     wp.stop()

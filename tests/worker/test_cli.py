@@ -125,11 +125,13 @@ def _check_answer(out: dict, question: str) -> None:
 def test_ask_json_in_process_writes_results(tmp_path) -> None:
     img = write_tif(tmp_path / "scene.tif", raster(48, 48))
     q = "Which part of the scene is bright?"
-    proc = cli("ask", str(img), "-q", q, "--model", str(TINY_MODEL), "--device", "cpu", "--max-new-tokens", "16",
-               "--out", str(tmp_path / "out"), "--json", "--option", "A. the top left", "--option", "B. nothing")
+    proc = cli("ask", str(img), "-q", q, "--model", str(TINY_MODEL), "--device", "cpu", "--max-new-tokens", "60",
+               "--out", str(tmp_path / "out"), "--json", "--option", "A. the top left", "--option", "B. nothing",
+               "--forced-prefix", "<think>The bright part [SEG] is", "--ground")
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)  # exactly one JSON object on stdout
     _check_answer(out, q)
+    assert len(out["masks"]) == 1 and out["masks"][0]["area_ha"] > 0
     gpkg = Path(out["gpkg"])
     assert gpkg.exists() and gpkg.parent == tmp_path / "out"
     import pyogrio
@@ -138,6 +140,9 @@ def test_ask_json_in_process_writes_results(tmp_path) -> None:
     assert "terrascope_answers" in layers
     for m in out["masks"]:
         assert Path(m["geotiff"]).exists() and m["layer"] in layers
+        with rasterio.open(m["geotiff"]) as ds:  # the mask is on the input's grid and CRS
+            assert ds.shape == (48, 48) and ds.crs.to_epsg() == 32633
+            assert ds.transform.to_gdal() == from_origin(500000, 4649000, 10, 10).to_gdal()
 
 
 def test_ask_against_a_running_worker(worker, tmp_path) -> None:

@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 import pytest
-from workerlib import REPO, TINY_MODEL, small_ask
+from workerlib import REPO, TINY_MODEL, long_ask, small_ask
 
 from qgis_plugin import protocol as P
-from qgis_plugin.client import WorkerClient, WorkerUnavailable
+from qgis_plugin.client import WorkerClient, WorkerError, WorkerUnavailable
 
 
 def _wait_ping(endpoint: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
@@ -90,16 +90,15 @@ def test_pool_answers_questions_from_concurrent_clients(pool) -> None:
 
 def test_cancel_reaches_the_member_running_the_job(pool) -> None:
     _, endpoint = pool
-    header, arrays = small_ask(max_new_tokens=4000)
-    header["settings"]["max_seg"] = 0
+    header, arrays = long_ask()
     seen = []
 
     def on_event(ev, _):
         seen.append(ev["event"])
 
-    with WorkerClient(endpoint, timeout_s=10) as c, pytest.raises(Exception) as e:
+    with WorkerClient(endpoint, timeout_s=10) as c, pytest.raises(WorkerError) as e:
         c.ask(header, arrays, on_event=on_event, should_cancel=lambda: "token" in seen, max_wait_s=300)
-    assert getattr(e.value, "code", None) == P.CANCELLED
+    assert e.value.code == P.CANCELLED
 
 
 def test_shutdown_stops_every_member(tmp_path) -> None:

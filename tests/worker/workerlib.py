@@ -121,3 +121,11 @@ class RawDealer:
 
     def close(self) -> None:
         self.sock.close(0)
+
+
+def long_ask(max_new_tokens: int = 3000):
+    """A request the random-weight fixture answers with a long, [SEG]-free ramble (it never hits
+    </answer> on noise), so there is time to cancel, kill or abandon it mid-generation."""
+    noise = np.random.default_rng(0).integers(0, 255, size=(3, 64, 64), dtype=np.uint8)
+    return P.build_ask("Describe the scene.", [P.RasterPayload(noise, GT10, UTM33)],
+                       settings={"max_new_tokens": max_new_tokens, "max_seg": 0})

@@ -1,0 +1,264 @@
+"""``ask`` through a real worker process on the tiny checkpoint: streaming, masks, cancel, faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+from workerlib import GT10, UTM33, RawDealer, long_ask, raster, small_ask, start_worker
+
+from qgis_plugin import protocol as P
+from qgis_plugin.client import WorkerClient, WorkerError, WorkerUnavailable
+
+#: Teacher-forced start of the reply: the random-weight fixture never emits [SEG] on its own.
+TWO_SEGS = "<think>The bright square [SEG] and the background [SEG] are"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.events: list[tuple[dict, dict]] = []
+
+    def __call__(self, ev: dict, arrays: dict) -> None:
+        self.events.append((ev, {k: np.array(v) for k, v in arrays.items()}))
+
+    @property
+    def names(self) -> list[str]:
+        return [e["event"] for e, _ in self.events]
+
+    def of(self, name: str) -> list[tuple[dict, dict]]:
+        return [(e, a) for e, a in self.events if e["event"] == name]
+
+
+def test_long_ask_really_is_long(worker) -> None:
+    """The cancel/kill tests below rely on this request not finishing early."""
+    header, arrays = long_ask(max_new_tokens=60)
+    with worker.client() as c:
+        done = c.ask(header, arrays)
+    assert done["stopped"] == "max_new_tokens"
+
+
+def test_info_reports_the_loaded_model(worker) -> None:
+    with worker.client() as c:
+        info = c.info()
+    assert info["state"] == "ready" and info["error"] is None
+    assert info["model"]["device"] == "cpu" and info["model"]["params"] > 0
+    assert info["limits"]["max_side"] == 256 and info["limits"]["max_queue"] == 2
+    assert "torch" in info["versions"]
+
+
+def test_streaming_order_masks_and_measurements(worker) -> None:
+    header, arrays = small_ask(max_new_tokens=120, measure_grounding=True)
+    header["forced_prefix"] = TWO_SEGS
+    rec = Recorder()
+    with worker.client() as c:
+        done = c.ask(header, arrays, on_event=rec)
+    names = rec.names
+    assert names[0] == "accepted" and names[-1] == "done" and names.count("done") == 1
+    assert names.index("token") < names.index("mask")
+    masks = rec.of("mask")
+    assert [m["step"] for m, _ in masks] == [0, 1]
+    for ev, arr in masks:
+        mask = arr["mask"]
+        assert mask.shape == (32, 32) and mask.dtype == np.uint8 and set(np.unique(mask)) <= {0, 1}
+        assert ev["grid"]["geotransform"] == GT10 and ev["grid"]["shape"] == [32, 32]
+        meas = ev["measurements"]
+        assert meas["area_px"] == int(mask.sum()) and meas["units"] == "m"
+        # independent check: 10 m UTM pixels are 100 m² each, within the projection's scale error
+        assert meas["area_ha"] == pytest.approx(mask.sum() * 0.01, rel=2e-3)
+        assert meas["coverage_pct"] == pytest.approx(100 * mask.mean(), abs=1e-6)
+        assert ev["image"] == 0 and 0.0 <= ev["score"] <= 1.0
+        assert ev["grounding_text"]  # measurement grounding was fed back into the trace
+    assert "[SEG]" in done["text"]
+    assert [m["step"] for m in done["measurements"]] == [0, 1]
+    assert done["timings_ms"]["total"] >= done["timings_ms"]["prepare"] >= 0
+    assert done["model"]["device"] == "cpu" and done["worker"]["pid"] == worker.proc.pid
+    tokens = "".join(e["text"] for e, _ in rec.of("token"))
+    assert tokens.startswith("<think>")
+
+
+def test_masks_come_back_on_the_request_grid_of_a_60_mb_raster(worker) -> None:
+    data = np.zeros((3, 4480, 4480), np.uint8)  # 60 MB; the model sees a 256 px view
+    data[:, 1000:3000, 500:2500] = 200
+    data[1] = 90
+    gt = [600000.0, 0.5, 0.0, 5000000.0, 0.0, -0.5]
+    header, arrays = P.build_ask("Where is the bright block?", [P.RasterPayload(data, gt, UTM33)],
+                                 settings={"max_new_tokens": 20})
+    header["forced_prefix"] = "<think>The block [SEG] is"
+    rec = Recorder()
+    with worker.client(timeout_s=10) as c:
+        c.ask(header, arrays, on_event=rec)
+    (ev, arr), = rec.of("mask")
+    assert arr["mask"].shape == (4480, 4480)
+    assert ev["grid"]["geotransform"] == gt
+    assert ev["measurements"]["area_px"] == int(arr["mask"].sum())
+
+
+def test_cancel_mid_generation_then_next_request_succeeds(worker) -> None:
+    header, arrays = long_ask()
+    rec = Recorder()
+    cancel_at: list[int] = []
+
+    def should_cancel() -> bool:
+        n = len(rec.of("token"))
+        if n >= 3 and not cancel_at:
+            cancel_at.append(n)
+        return bool(cancel_at)
+
+    with worker.client() as c:
+        t0 = time.monotonic()
+        with pytest.raises(WorkerError) as e:
+            c.ask(header, arrays, on_event=rec, should_cancel=should_cancel)
+        elapsed = time.monotonic() - t0
+        assert e.value.code == P.CANCELLED
+        after = len(rec.of("token")) - cancel_at[0]
+        assert after < 100, f"{after} tokens after the cancel"
+        assert elapsed < 60
+        header2, arrays2 = small_ask(max_new_tokens=4)
+        assert c.ask(header2, arrays2)["event"] == "done"
+        assert c.ping()["running"] == 0
+
+
+def test_bad_raster_is_an_error_event_and_service_continues(worker) -> None:
+    data = np.full((3, 16, 16), 7, np.uint16)
+    header, arrays = P.build_ask("q?", [P.RasterPayload(data, GT10, UTM33, nodata=7)])
+    with worker.client() as c:
+        with pytest.raises(WorkerError) as e:
+            c.ask(header, arrays)
+        assert e.value.code == P.BAD_RASTER and e.value.event.get("reason")
+        header2, arrays2 = small_ask(max_new_tokens=4)
+        assert c.ask(header2, arrays2)["event"] == "done"
+
+
+def test_time_series_and_sar_pairs(worker) -> None:
+    t0, t1 = raster(seed=1), raster(seed=2)
+    header, arrays = P.build_ask("What changed?", [P.RasterPayload(t0, GT10, UTM33, role="t0"),
+                                                   P.RasterPayload(t1, GT10, UTM33, role="t1")],
+                                 settings={"max_new_tokens": 120})
+    header["forced_prefix"] = TWO_SEGS
+    rec = Recorder()
+    with worker.client() as c:
+        c.ask(header, arrays, on_event=rec)
+        assert {e["image"] for e, _ in rec.of("mask")} <= {0, 1}
+        rng = np.random.default_rng(3)
+        sar = (rng.normal(size=(2, 32, 32)) + 1j * rng.normal(size=(2, 32, 32))).astype(np.complex64)
+        header, arrays = P.build_ask("Is there water?", [P.RasterPayload(raster(), GT10, UTM33, role="optical"),
+                                                         P.RasterPayload(sar, GT10, UTM33, role="sar",
+                                                                         band_names=["VV", "VH"])],
+                                     settings={"max_new_tokens": 6})
+        assert c.ask(header, arrays)["event"] == "done"
+
+
+def test_full_queue_answers_busy(worker) -> None:
+    raw = RawDealer(worker.endpoint)
+    ids = [f"busy-{i}" for i in range(5)]
+    try:
+        for rid in ids:
+            header, arrays = long_ask()
+            header["id"] = rid
+            raw.send([b""] + P.encode_message(header, arrays))
+        first: dict[str, str] = {}
+        deadline = time.monotonic() + 20
+        while len(first) < len(ids) and time.monotonic() < deadline:
+            got = raw.recv(1.0)
+            if got and got[0]["id"] in ids and got[0]["event"] in ("accepted", "error"):
+                first.setdefault(got[0]["id"], got[0].get("code") or got[0]["event"])
+        # one running + 2 queue slots; the rest are refused at once (a race may let 1 or 2 through)
+        assert sorted(first) == sorted(ids)
+        busy = [r for r in first.values() if r == P.BUSY]
+        assert 2 <= len(busy) <= 3 and all(r in ("accepted", P.BUSY) for r in first.values())
+        for rid in ids:
+            raw.send([b""] + P.encode_message(P.request("cancel", target=rid)))
+        # every accepted job ends exactly once with "cancelled"
+        ended: list[str] = []
+        deadline = time.monotonic() + 20
+        accepted = [rid for rid, r in first.items() if r == "accepted"]
+        while len(ended) < len(accepted) and time.monotonic() < deadline:
+            got = raw.recv(1.0)
+            if got and got[0]["event"] == "error" and got[0]["id"] in accepted:
+                assert got[0]["code"] == P.CANCELLED
+                ended.append(got[0]["id"])
+        assert sorted(ended) == sorted(accepted)
+    finally:
+        raw.close()
+
+
+def test_client_that_vanishes_gets_its_job_cancelled(worker) -> None:
+    def running() -> int:
+        with worker.client() as c:
+            return c.ping()["running"]
+
+    # (1) the client stops pinging but stays connected: the job ends after ~3 s
+    raw = RawDealer(worker.endpoint)
+    header, arrays = long_ask()
+    header["client_heartbeat_s"] = 0.5
+    raw.send([b""] + P.encode_message(header, arrays))
+    try:
+        deadline = time.monotonic() + 15
+        while running() == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert running() == 1
+        t0 = time.monotonic()
+        while running() and time.monotonic() < t0 + 10:
+            time.sleep(0.2)
+        assert running() == 0
+        assert time.monotonic() - t0 > 1.0  # it was the missing pings, not the end of the answer
+    finally:
+        raw.close()
+    # (2) the client's socket closes mid-stream: the next send fails (ROUTER_MANDATORY) and cancels
+    raw = RawDealer(worker.endpoint)
+    header["id"] = "vanish-2"
+    header.pop("client_heartbeat_s")
+    raw.send([b""] + P.encode_message(header, arrays))
+    while raw.recv(5.0)[0]["event"] != "token":
+        pass
+    raw.close()
+    deadline = time.monotonic() + 10
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running() == 0
+
+
+def test_killed_worker_is_detected_within_5_s(tmp_path) -> None:
+    wp = start_worker(tmp_path)
+    try:
+        header, arrays = long_ask()
+        seen = threading.Event()
+        killed_at: list[float] = []
+
+        def on_event(ev, _):
+            if ev["event"] == "token" and not seen.is_set():
+                seen.set()
+                os.kill(wp.proc.pid, signal.SIGKILL)
+                killed_at.append(time.monotonic())
+
+        with WorkerClient(wp.endpoint) as c, pytest.raises(WorkerUnavailable) as e:
+            c.ask(header, arrays, on_event=on_event)
+        detected = time.monotonic() - killed_at[0]
+        assert detected < 5.0, detected
+        assert "crash" in str(e.value) or "stopped" in str(e.value)
+    finally:
+        wp.stop()
+
+
+def test_hung_worker_mid_answer_is_detected_within_5_s(tmp_path) -> None:
+    wp = start_worker(tmp_path)
+    try:
+        header, arrays = long_ask()
+        stopped_at: list[float] = []
+
+        def on_event(ev, _):
+            if ev["event"] == "token" and not stopped_at:
+                os.kill(wp.proc.pid, signal.SIGSTOP)  # alive but silent: only the heartbeat can tell
+                stopped_at.append(time.monotonic())
+
+        with WorkerClient(wp.endpoint) as c, pytest.raises(WorkerUnavailable):
+            c.ask(header, arrays, on_event=on_event)
+        assert time.monotonic() - stopped_at[0] < 5.0
+    finally:
+        if wp.proc.poll() is None:
+            os.kill(wp.proc.pid, signal.SIGCONT)
+        wp.stop()
