@@ -368,8 +368,10 @@ def load_official(folder: Path, device: torch.device, dtype: torch.dtype,
             skipped.append(name)
             continue
         raw = load()
-        for ours, transform in mapped:
+        for k, (ours, transform) in enumerate(mapped):
             tensor = transform(raw)
+            if k and len(mapped) > 1 and tensor.data_ptr() == raw.data_ptr():
+                tensor = tensor.clone()  # one checkpoint tensor, two model tensors: no shared storage
             if "#row" in ours:
                 point_rows[int(ours.split("#row")[1])] = tensor
                 continue
@@ -424,10 +426,15 @@ def save_native(model: TerraScopeModel, folder: str | Path, tokenizer_dir: str |
     cfg = TerraScopeConfig.from_dict(model.config.to_dict())
     cfg.format = NATIVE_FORMAT
     state = {}
+    seen: set[int] = set()
     for name, tensor in model.state_dict().items():
         if cfg.llm.tie_word_embeddings and name == "language_model.lm_head.weight":
             continue
-        state[name] = tensor.detach().to("cpu").contiguous()
+        cpu = tensor.detach().to("cpu").contiguous()
+        if cpu.data_ptr() in seen:
+            cpu = cpu.clone()  # safetensors refuses shared storage
+        seen.add(cpu.data_ptr())
+        state[name] = cpu
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     cfg.save(folder / "config.json")
     if tokenizer_dir is not None:

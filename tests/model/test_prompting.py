@@ -1,0 +1,54 @@
+"""Prompt templates, <think>/<answer> parsing, option letters as the release's evaluation extracts them."""
+
+from __future__ import annotations
+
+import pytest
+
+from model.prompting import build_prompt, extract_choice, parse_response, route_marker, seg_label
+
+
+@pytest.mark.parametrize("text,n,want", [
+    ("<think>water is 40%</think><answer>C</answer>", 4, "C"),
+    ("<think>..</think><answer> b) 25%</answer>", 4, "B"),  # leading letter, case-insensitive, ")" allowed
+    ("<think>..</think><answer>The answer is D. 60%</answer>", 4, "D"),  # first \b[A-D]\b inside <answer>
+    ("<think>..</think><answer>Dense forest</answer>", 4, "D"),  # the release's leading-letter regex quirk
+    ("I think it is B.", 4, "B"),  # no tags: leading-letter test fails ("I"), whole-response fallback
+    ("<answer>E. 17</answer>", 5, "E"),
+    ("<answer>E. 17</answer>", 4, None),  # E is not an option among four
+    ("<think>a region was found</think><answer>none of these</answer>", 4, None),
+    ("", 4, None),
+])
+def test_extract_choice(text, n, want):
+    assert extract_choice(text, n) == want
+
+
+def test_parse_response_strips_special_tokens():
+    text = "<think>I first identify the water [SEG]<REGION><REGION> then compare</think><answer>B. 25%</answer>"
+    reasoning, answer = parse_response(text)
+    assert reasoning == "I first identify the water then compare"
+    assert answer == "B. 25%"
+    assert parse_response("plain answer") == ("", "plain answer")
+    assert parse_response("<think>unfinished [SEG]") == ("unfinished", "")
+    assert parse_response("<think>x</think> tail") == ("x", "tail")
+
+
+def test_templates():
+    official = build_prompt("qwen_chat", "How much water?", ["10%", "25%"], [3], ["optical"])
+    assert official.startswith("<|im_start|>user\nA conversation between User and Assistant.")
+    assert "<img><IMG_CONTEXT><IMG_CONTEXT><IMG_CONTEXT></img>\nHow much water?\nA. 10%\nB. 25%\n<|im_end|>" in official
+    assert official.endswith("<|im_start|>assistant\n")
+    multi = build_prompt("qwen_chat", "q", None, [1, 1], ["t0", "t1"])
+    assert "<img><IMG_CONTEXT></img>\n<img><IMG_CONTEXT></img>\nq\n" in multi
+    ours = build_prompt("terrascope", "q", None, [1, 2], ["t0", "t1"])
+    assert "Image: t0\n<img><IMG_CONTEXT></img>\nImage: t1\n<img>" in ours
+    with pytest.raises(ValueError, match="empty"):
+        build_prompt("terrascope", " ", None, [1], ["optical"])
+    with pytest.raises(ValueError, match="template"):
+        build_prompt("chatml", "q", None, [1], ["optical"])
+
+
+def test_route_marker_and_label():
+    assert route_marker("<think>Before, Image: t0 shows x. Now Image: T3 the") == "t3"
+    assert route_marker("no marker") is None
+    assert seg_label("<think>I first identify the water regions [SEG]") == "I first identify the water regions"
+    assert seg_label("a [SEG]<REGION> then, Image: t1 the new roads [SEG]") == "then, the new roads"
