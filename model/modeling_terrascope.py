@@ -128,14 +128,13 @@ class TerraScopeModel(nn.Module):
         self.sam2_encode_calls += 1
         sam = self.grounding_encoder
         g = g_pixel_values.to(device=self.device, dtype=self.dtype)
-        out = sam.get_image_features(g, return_dict=True)
-        maps = list(out.fpn_hidden_states)
-        maps[-1] = maps[-1] + sam.no_memory_embedding
-        batch = g.shape[0]
-        embeddings = [
-            feat.permute(1, 2, 0).reshape(batch, -1, *size)
-            for feat, size in zip(maps, sam.backbone_feature_sizes)
-        ]
+        # vision_encoder + the decoder's conv_s0/s1 + no_mem_embed, spelled out (get_image_features changed
+        # its return type across transformers 5.x releases)
+        maps = list(sam.vision_encoder(g).fpn_hidden_states)  # NCHW, high to low resolution
+        maps[0] = sam.mask_decoder.conv_s0(maps[0])
+        maps[1] = sam.mask_decoder.conv_s1(maps[1])
+        maps[-1] = maps[-1] + sam.no_memory_embedding.reshape(1, -1, 1, 1)
+        embeddings = maps
         return Sam2Features(embeddings, sam.get_image_wide_positional_embeddings())
 
     def sam2_decode(self, features: Sam2Features, prompt: torch.Tensor) -> MaskLogits:

@@ -211,3 +211,13 @@ def test_bad_inputs_raise_clear_errors():
         ts.answer([ImageInput(rand_image(8, 8))], "  ")
     with pytest.raises(ValueError, match="option lists"):
         ts.answer_batch([ImageInput(rand_image(8, 8))], ["a", "b"], [["x"], ["y"], ["z"]])
+
+
+def test_sampling_is_seeded_and_greedy_is_default():
+    ts = tiny_scope()
+    ctx = ts.prepare([ImageInput(rand_image(40, 40))])
+    greedy = [ts.answer(ctx, "q", settings=settings(max_new_tokens=15)).token_ids for _ in range(2)]
+    assert greedy[0] == greedy[1]
+    hot = [ts.answer(ctx, "q", settings=settings(max_new_tokens=15, temperature=5.0, seed=s)).token_ids
+           for s in (1, 1, 2)]
+    assert hot[0] == hot[1] and hot[0] != hot[2] and hot[0] != greedy[0]

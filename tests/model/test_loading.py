@@ -159,3 +159,24 @@ def test_preset_without_weights_says_so():
         pytest.skip("mini weights are present in this checkout")
     with pytest.raises(CheckpointError, match="no weights"):
         TerraScope.load("terrascope-mini", device="cpu")
+
+
+def test_sharded_checkpoint_with_index_loads_identically(tmp_path, official):
+    from safetensors.torch import load_file, save_file
+
+    folder = _copy_checkpoint(tmp_path)
+    state = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(state)
+    halves = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    weight_map = {}
+    for shard, keys in halves.items():
+        save_file({k: state[k] for k in keys}, str(folder / shard), metadata={"format": "pt"})
+        weight_map |= {k: shard for k in keys}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    model, _ = load_model(folder, torch.device("cpu"), torch.float32)
+    a, b = official.model.state_dict(), model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    (folder / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="missing"):
+        load_model(folder, torch.device("cpu"), torch.float32)
