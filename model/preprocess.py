@@ -68,11 +68,10 @@ def target_ratios(min_num: int, max_num: int) -> list[tuple[int, int]]:
 
 def closest_aspect_ratio(width: int, height: int, min_num: int = 1, max_num: int = 12,
                          tile: int = 448) -> tuple[int, int]:
-    """(cols, rows) with the closest aspect ratio; on ties the larger grid wins if the image is big enough.
+    """(cols, rows) with the closest aspect ratio; on ties the later candidate wins if the image is big enough.
 
-    The sort of a set by area only is not fully ordered, so which of several equal-area candidates comes
-    first depends on set iteration order; for small tuples of ints this order is deterministic (hash of
-    ints), exactly as in the official code, which we mirror by building the same set.
+    Candidates come in the official order (a set sorted by area; ties keep the set's iteration order, which
+    is deterministic for small int tuples), so the tie rule picks the same grid as the release.
     """
     aspect = width / height
     best_diff = float("inf")
