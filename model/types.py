@@ -7,8 +7,9 @@ This is the contract between ``model/`` and ``worker/``: the worker builds
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 
