@@ -101,6 +101,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         bus_sub=args.bus_sub,
         pool_size=args.pool_size,
         model_label=model,
+        job_memory_budget=args.job_memory_budget_bytes,
     )
     _apply_memory_limit(args.memory_limit_bytes)
     service = WorkerService(config, model_loader(model, args.device, args.dtype))
@@ -303,6 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--client-key", action="append", default=[], metavar="FILE",
                    help="public key of an allowed client (repeatable; default: any holder of the server key)")
     w.add_argument("--memory-limit-bytes", type=int, default=None, help="address-space cap (tests of 'oom')")
+    w.add_argument("--job-memory-budget-bytes", type=int, default=None,
+                   help="RSS one request may add before it fails with 'oom' (checked each decode step)")
     for hidden in ("--bus-pub", "--bus-sub"):
         w.add_argument(hidden, help=argparse.SUPPRESS)
     w.add_argument("--pool-member", action="store_true", help=argparse.SUPPRESS)

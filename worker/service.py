@@ -72,6 +72,9 @@ class ServiceConfig:
     bus_sub: str | None = None
     pool_size: int = 1
     model_label: str = ""  # what was asked for (path or preset), shown until the model reports itself
+    # RSS one job may add before it fails with MemoryError -> "oom" (checked each decode step): a soft
+    # host-memory cap, and how the reliability tests simulate running out of memory mid-generation.
+    job_memory_budget: int | None = None
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -100,6 +103,21 @@ def _release_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
+    try:  # hand freed heap pages back to the OS (glibc keeps them otherwise)
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss() -> int | None:
+    """Current resident set size in bytes (Linux), or None where /proc is missing."""
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class JobQueue:
@@ -340,6 +358,7 @@ class WorkerService:
 
         req = job.request
         t0 = time.monotonic()
+        budget, rss0 = self.config.job_memory_budget, _rss()
         prepared = self._prepare(req)
         prep_ms = (time.monotonic() - t0) * 1000
         images = [ImageInput(pixels=p.pixels, role=im.role) for p, im in zip(prepared, req.images)]
@@ -385,6 +404,11 @@ class WorkerService:
             return meas.get("grounding")
 
         def should_stop() -> bool:
+            if budget is not None and rss0 is not None:
+                grown = (_rss() or rss0) - rss0
+                if grown > budget:
+                    raise MemoryError(f"the job's memory budget of {budget / 2**20:.0f} MiB was exceeded "
+                                      f"(+{grown / 2**20:.0f} MiB)")
             return job.cancel.is_set() or self._stop.is_set()
 
         assert self.model is not None
