@@ -29,9 +29,11 @@ What a ``[SEG]`` does (SAM-2 decode, token selection, which embeddings to inject
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,8 +41,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .modeling_terrascope import Sam2Features, TerraScopeModel, mask_probabilities
+from .types import (
+    AnswerResult,
+    GenerationSettings,
+    GroundingFn,
+    MaskCallback,
+    MaskStep,
+    StopFn,
+    TokenCallback,
+)
+
+if TYPE_CHECKING:  # generation imports this module; keep the import one-way at run time
+    from .generation import Generator, VisualContext
 
 NEG_INF = float("-inf")
+#: Elementwise kernels inside the graphs: "eager" (plain torch ops) or "compiled" (Inductor-fused norm, rope
+#: and SwiGLU). ``make bench-gpu`` times both; set TERRASCOPE_FAST_KERNELS to choose.
+DEFAULT_KERNELS = os.environ.get("TERRASCOPE_FAST_KERNELS", "eager")
 
 
 # ---- data passed in and out ----------------------------------------------------------------------------------
@@ -264,6 +281,7 @@ class FastDecoder:
             raise ValueError(f"kernels must be 'eager' or 'compiled', got {kernels!r}")
         self._alloc()
         self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self.prefix_keys: dict[int, tuple] = {}  # group -> what its prefix cache holds (reused across calls)
         self._pool = None
         self._ring = None
         self._ring_i = 0
@@ -420,6 +438,7 @@ class FastDecoder:
     @torch.no_grad()
     def set_prefix(self, group: int, embeds: torch.Tensor) -> None:
         """Prefill ``embeds`` [P, H] (the shared image prompt) once into group ``group``'s prefix cache."""
+        self.prefix_keys.pop(group, None)
         if not 0 <= group < self.G:
             raise ValueError(f"group {group} out of range (decoder has {self.G})")
         P = embeds.shape[0]
@@ -528,6 +547,7 @@ class FastDecoder:
                 if len(injections) != len(reqs):
                     raise RuntimeError("SegHandler returned a different number of injections than requests")
                 inject: dict[int, torch.Tensor] = {}
+                nothing: list[int] = []
                 for s, inj in zip(segs, injections):
                     ids[s].extend(inj.token_ids)
                     n_seg[s] += 1
@@ -536,11 +556,16 @@ class FastDecoder:
                         finish(s, "max_seg")
                         continue
                     k = inj.embeds.shape[0]
-                    if k < 1:
-                        raise ValueError("an injection needs at least one embedding")
+                    if k == 0:
+                        nothing.append(s)
+                        continue
                     if used[s] + k + 1 > self.cap:
                         raise ValueError(f"answer outgrew the cache (max_row_len={self.S}); raise it")
                     inject[s] = inj.embeds
+                if nothing:  # nothing to inject: resume from the [SEG] step's own logits (already in tok)
+                    self.count.index_add_(0, torch.tensor(nothing, device=self.device),
+                                          torch.ones(len(nothing), dtype=torch.long, device=self.device))
+                    new_seg += consume(tokens, nothing)
                 if all(done):
                     stats.seg_ms += (time.perf_counter() - t0) * 1e3
                     break
@@ -778,3 +803,233 @@ class SamSegHandler:
             self.records.append(SegRecord(r.row, r.seg_index, idx, mk, float(sc), list(chosen)))
             result.append(SegInjection(emb, [self.region_id] * emb.shape[0]))
         return result
+
+
+# ---- TerraScope integration: Generator.run and answer_batch on the fast path ------------------------------------
+def enabled(model: TerraScopeModel, settings: GenerationSettings | None) -> bool:
+    """Fast path by default on CUDA for greedy decoding; ``TERRASCOPE_FAST_DECODE=0`` turns it off, ``=1``
+    turns it on elsewhere too (CPU runs the same static-cache code without graphs)."""
+    env = os.environ.get("TERRASCOPE_FAST_DECODE", "auto").strip().lower()
+    if env in ("0", "off", "false", "no"):
+        return False
+    if settings is not None and settings.temperature > 0:
+        return False  # sampling stays on the reference loop
+    return model.device.type == "cuda" or env in ("1", "on", "true", "yes")
+
+
+@dataclass
+class Question:
+    """One question for ``answer_many``; questions sharing a ``VisualContext`` share its prefix KV."""
+
+    ctx: VisualContext
+    question: str
+    options: list[str] | None = None
+    forced_ids: list[int] | None = None
+    on_token: TokenCallback | None = None
+    on_mask: MaskCallback | None = None
+    grounding: GroundingFn | None = None
+
+
+class _RowState:
+    """``Generator.run``'s per-answer bookkeeping (streaming deltas, mask steps), for one batch row."""
+
+    def __init__(self, gen: Generator, q: Question, settings: GenerationSettings) -> None:
+        self.gen, self.q = gen, q
+        self.lam = settings.max_tokens_per_seg or gen.model.config.max_tokens_per_seg
+        self.settings = settings
+        self.rng = np.random.default_rng(settings.seed)
+        self.beta = gen._beta(q.ctx, q.question)
+        self.out_ids: list[int] = []
+        self.steps: list[MaskStep] = []
+        self.emitted = ""
+        self.sam_ms = 0.0
+
+    def emit(self) -> None:
+        if self.q.on_token is None:
+            return
+        full = self.gen.tok.decode(self.out_ids)
+        if full.endswith("\ufffd") or not full.startswith(self.emitted):
+            return
+        if len(full) > len(self.emitted):
+            delta, self.emitted = full[len(self.emitted):], full
+            self.q.on_token(delta)
+
+
+def _seg_handler(gen: Generator, states: list[_RowState]) -> SegHandler:
+    """The [SEG] block of ``Generator.run`` for several rows at once (one batched SAM-2 mask decode)."""
+    from . import prompting, selection
+
+    model, cfg = gen.model, gen.model.config
+
+    @torch.no_grad()
+    def handle(reqs: list[SegRequest]) -> list[SegInjection]:
+        t0 = time.perf_counter()
+        prompts = model.seg_prompt(torch.stack([r.hidden for r in reqs]))
+        plan = []
+        for r in reqs:
+            st = states[r.row]
+            text_so_far = gen.tok.decode(r.token_ids)
+            image = gen._route(st.q.ctx, len(st.steps), text_so_far)
+            plan.append((st, text_so_far, image, gen.sam_features(st.q.ctx, image)))
+        feats = [p[3] for p in plan]
+        batch = Sam2Features([torch.cat([f.image_embeddings[i] for f in feats]) for i in
+                              range(len(feats[0].image_embeddings))], feats[0].image_pe)
+        dec = model.sam2_decode(batch, prompts)
+        out = []
+        for i, (st, text_so_far, image, _) in enumerate(plan):
+            ctx = st.q.ctx
+            own_hw = ctx.pixels[image].shape[:2]
+            # official multi-image code sizes every frame's mask to the first image
+            sel_hw = ctx.pixels[0].shape[:2] if (cfg.compat == "official" and ctx.kind != "single") else own_hw
+            low = dec.low_res[i:i + 1]
+            probs_sel = mask_probabilities(low, sel_hw, cfg.sam2.image_size)[0]
+            probs = probs_sel if tuple(sel_hw) == tuple(own_hw) else mask_probabilities(
+                low, own_hw, cfg.sam2.image_size)[0]
+            empty = cfg.suppress_no_object and float(dec.object_score[i, 0]) <= 0
+            mask_sel = np.zeros(sel_hw, bool) if empty else (probs_sel > 0.5).cpu().numpy()
+            mask = np.zeros(own_hw, bool) if empty else (probs > 0.5).cpu().numpy()
+            local = gen._select(ctx, image, mask_sel, st.settings, st.lam, st.rng)
+            if ctx.kind == "pair":
+                n = ctx.token_counts[0]
+                modality = selection.choose_modality(st.beta[0], st.beta[1], local) if st.beta else []
+                flat_idx = [j + (n if m == "sar" else 0) for j, m in zip(local, modality)]
+            else:
+                modality = []
+                flat_idx = [ctx.offsets[image] + j for j in local]
+            step = MaskStep(step=len(st.steps), label=prompting.seg_label(text_so_far), image_index=image,
+                            mask=mask, score=float(dec.iou[i, dec.best[i]]), token_indices=list(flat_idx),
+                            modality=modality)
+            if st.q.on_mask is not None:
+                st.q.on_mask(step)
+            parts, ids = [], []
+            if flat_idx:
+                parts.append(ctx.vit_flat[torch.tensor(flat_idx, device=ctx.vit_flat.device)].to(model.dtype))
+                ids += [gen.ids.region] * len(flat_idx)
+            if st.q.grounding is not None:
+                span = st.q.grounding(step)
+                if span:
+                    step.grounding_text = span
+                    g_ids = gen.tok.encode(span)
+                    if g_ids:
+                        parts.append(model.embed_ids(torch.tensor(g_ids, dtype=torch.long)).to(model.dtype))
+                        ids += g_ids
+            st.steps.append(step)
+            st.out_ids.extend(ids)
+            st.emit()
+            emb = torch.cat(parts) if parts else torch.zeros(0, model.config.llm.hidden_size,
+                                                            device=model.device, dtype=model.dtype)
+            out.append(SegInjection(emb, ids))
+        share = (time.perf_counter() - t0) * 1e3 / len(reqs)
+        for r in reqs:
+            states[r.row].sam_ms += share
+        return out
+
+    return handle
+
+
+@torch.no_grad()
+def answer_many(gen: Generator, questions: Sequence[Question], settings: GenerationSettings | None = None,
+                should_stop: StopFn | None = None, kernels: str | None = None) -> list[AnswerResult]:
+    """Answer several questions in one static-cache batch; each image's prompt prefix is prefilled once."""
+    from . import prompting
+
+    settings = settings or GenerationSettings()
+    if settings.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if settings.injection not in ("mask", "box", "random", "none"):
+        raise ValueError(f"unknown injection mode {settings.injection!r}")
+    if not questions:
+        return []
+    model = gen.model
+    t_start = time.perf_counter()
+    img_end = gen.tok.special_ids()["img_end"]
+    groups: dict[tuple, int] = {}
+    prefixes: list[tuple[tuple, torch.Tensor]] = []
+    rows: list[RowInput] = []
+    for q in questions:
+        ids = gen.prompt_ids(q.ctx, q.question, q.options)
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        embeds = model.embed_ids(ids_t)
+        img_pos = (ids_t == gen.ids.img_context).nonzero()[:, 0].to(embeds.device)
+        if img_pos.numel() != q.ctx.vit_flat.shape[0]:
+            raise ValueError(f"prompt has {img_pos.numel()} image tokens but the images give "
+                             f"{q.ctx.vit_flat.shape[0]}")
+        embeds[img_pos] = q.ctx.vit_flat.to(embeds.dtype)
+        ends = [i for i, t in enumerate(ids) if t == img_end]
+        split = min(ends[-1] + 1 if ends else len(ids) - 1, len(ids) - 1)
+        token = q.ctx.__dict__.setdefault("_ts_prefix_token", object())
+        key = (id(token), tuple(ids[:split]))
+        if key not in groups:
+            groups[key] = len(prefixes)
+            prefixes.append(((token, tuple(ids[:split])), embeds[:split]))
+        rows.append(RowInput(groups[key], embeds[split:], q.forced_ids))
+    per_group = [0] * len(prefixes)
+    for r in rows:
+        per_group[r.group] += 1
+    lam = settings.max_tokens_per_seg or model.config.max_tokens_per_seg
+    inject_len = _round_up(lam + 24, 8)
+    dsettings = DecodeSettings(stop_ids=tuple(sorted(gen.ids.stops)), seg_id=gen.ids.seg,
+                               max_new_tokens=settings.max_new_tokens, max_seg=settings.max_seg)
+    width = max(r.embeds.shape[0] for r in rows)
+    dec = get_decoder(model, prefix_len=max(p[1].shape[0] for p in prefixes),
+                      max_row_len=row_capacity(width, dsettings, inject_len), groups=len(prefixes),
+                      rows_per_group=max(per_group), inject_len=inject_len, kernels=kernels or DEFAULT_KERNELS)
+    longest = max([len(q.forced_ids) for q in questions if q.forced_ids] + [0])
+    if longest >= dec.forced.shape[1] and not dec._graphs:
+        dec.reserve_forced(_round_up(longest, 256))
+    for g, (key, emb) in enumerate(prefixes):
+        if dec.prefix_keys.get(g) != key:  # the same image prompt stays cached between calls
+            dec.set_prefix(g, emb)
+            dec.prefix_keys[g] = key
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    prefill_ms = (time.perf_counter() - t_start) * 1e3
+    states = [_RowState(gen, q, settings) for q in questions]
+
+    def on_tok(row: int, tok: int) -> None:
+        st = states[row]
+        st.out_ids.append(tok)
+        st.emit()
+
+    stats = DecodeStats()
+    outs = dec.generate(rows, dsettings, _seg_handler(gen, states), on_token=on_tok, should_stop=should_stop,
+                        stats=stats)
+    results = []
+    for q, st, out in zip(questions, states, outs):
+        out_ids = out.token_ids
+        stopped = out.stopped
+        if stopped == "eos" and out_ids and out_ids[-1] != gen.ids.eos:
+            stopped = "answer"
+        timings = dict(q.ctx.timings_ms)
+        decode_ms = stats.total_ms - stats.suffix_prefill_ms - stats.seg_ms
+        timings.update({"prefill_ms": prefill_ms + stats.suffix_prefill_ms, "decode_ms": decode_ms,
+                        "sam2_ms": st.sam_ms, "generated_tokens": float(len(out_ids)),
+                        "decode_steps": float(stats.decode_steps), "fast_path": 1.0,
+                        "total_ms": timings.get("preprocess_ms", 0) + timings.get("vision_ms", 0)
+                        + (time.perf_counter() - t_start) * 1e3})
+        text = gen.tok.decode(out_ids).strip()
+        if q.on_token is not None:
+            full = gen.tok.decode(out_ids)
+            if len(full) > len(st.emitted) and full.startswith(st.emitted):
+                q.on_token(full[len(st.emitted):])
+        reasoning, answer = prompting.parse_response(text)
+        choice = prompting.extract_choice(text, len(q.options)) if q.options else None
+        results.append(AnswerResult(text=text, reasoning=reasoning, answer=answer, choice=choice, steps=st.steps,
+                                    token_ids=out_ids, timings_ms=timings, stopped=stopped))
+    return results
+
+
+def fast_run(gen: Generator, ctx: VisualContext, question: str, options: list[str] | None = None,
+             settings: GenerationSettings | None = None, on_token: TokenCallback | None = None,
+             on_mask: MaskCallback | None = None, grounding: GroundingFn | None = None,
+             should_stop: StopFn | None = None, forced_ids: list[int] | None = None) -> AnswerResult:
+    """``Generator.run`` on the fast path (same arguments, same result)."""
+    q = Question(ctx, question, options, forced_ids, on_token, on_mask, grounding)
+    return answer_many(gen, [q], settings, should_stop)[0]
+
+
+def release_decoders(model: TerraScopeModel) -> None:
+    """Drop the cached decoders (their KV buffers and graphs), e.g. between benchmark shapes."""
+    model.__dict__.pop("_ts_fast_decoders", None)
+    if model.device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,450 @@
+"""``make bench-gpu``: the 8B-shape TerraScope path on one GPU, fast path vs the naive official-style loop.
+
+    python3 -m bench.gpu                                   # CUDA, terrascope-8b (random bf16 weights)
+    python3 -m bench.gpu --device cpu --preset terrascope-mini   # the CPU variant (one 512x512 question)
+    python3 -m bench.gpu --shape tiny --device cpu         # seconds: checks the script itself
+
+The model is built with random weights directly on the device in its dtype (``model.loading.random_model``:
+meta-device modules, ``to_empty``, in-place init; no float32 copy). Every workload uses a FORCED trace (the
+same ids every run: 128 tokens carrying two ``[SEG]`` at fixed positions, each with a SAM-2 mask, token
+selection and injection), so each run does the same work whatever the random weights predict.
+
+Figures: prefill ms, decode ms/token, SAM-2 encode ms, ms per [SEG], end-to-end s/question, peak GPU memory,
+questions/s at batch 1, 8, 32 for shared and distinct images, and the same question through the naive loop
+(``Generator.run`` with the fast path off, SAM-2 re-encoded at each [SEG], like the released code) with the
+ratio. A short table is printed last; ``--out DIR`` gets the full JSON and log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model import fast_decode
+from model.api import TerraScope
+from model.configuration_terrascope import TerraScopeConfig, preset_config
+from model.types import GenerationSettings, ImageInput
+
+ROOT = Path(__file__).resolve().parent.parent
+#: Any TerraScope tokenizer works with random weights; this one ships with the repo (1066 ids, official order).
+TOKENIZER = ROOT / "tests" / "fixtures" / "terrascope-official-tiny" / "checkpoint"
+QUESTION = "Which share of this scene is flooded, and are the main roads under water?"
+OPTIONS = ["less than 10%", "10 to 25%", "25 to 50%", "more than 50%"]
+REASONING = ("<think>I first look for open water and flooded fields around the river bend, then for the "
+             "roads crossing the flood plain, and compare their extent with the whole scene. The water "
+             "covers the low ground in the north east while the main road runs along the embankment, "
+             "which stays dry except near the bridge where the flood reaches the road surface. The fields "
+             "south of the river are saturated but not open water, so they do not count as flooded. ")
+SEG_AT = (32, 80)  # positions of the two [SEG] in the 128-token trace
+
+TINY = {
+    "name": "tiny-bench",
+    "vision": {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 64,
+               "image_size": 112, "patch_size": 14},
+    "llm": {"vocab_size": 1066, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "intermediate_size": 96},
+    "sam2": {"image_size": 256, "hiera_embed_dim": 8, "hiera_num_heads": 1, "hiera_stages": [1, 1, 2, 1],
+             "hiera_global_att_blocks": [3], "hiera_window_spec": [8, 4, 4, 4],
+             "hiera_window_pos_embed_bkg": [4, 4], "hidden_dim": 32, "decoder_mlp_dim": 64,
+             "decoder_num_heads": 2, "iou_head_hidden_dim": 32},
+    "template": "qwen_chat", "compat": "official", "max_tokens_per_seg": 8,
+}
+
+
+# ---- helpers -----------------------------------------------------------------------------------------------
+class Log:
+    def __init__(self, out: Path | None) -> None:
+        self.lines: list[str] = []
+        self.out = out
+
+    def __call__(self, msg: str) -> None:
+        print(msg, flush=True)
+        self.lines.append(msg)
+
+    def save(self, results: dict[str, Any]) -> None:
+        if self.out is None:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "bench_gpu.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        (self.out / "bench_gpu.log").write_text("\n".join(self.lines) + "\n")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@contextmanager
+def naive_mode():
+    """The reference loop: fast path off (``TERRASCOPE_FAST_DECODE=0``)."""
+    old = os.environ.get("TERRASCOPE_FAST_DECODE")
+    os.environ["TERRASCOPE_FAST_DECODE"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("TERRASCOPE_FAST_DECODE", None)
+        else:
+            os.environ["TERRASCOPE_FAST_DECODE"] = old
+
+
+def scene(h: int, w: int, seed: int) -> np.ndarray:
+    """A deterministic smooth 'landscape' (blobs + noise): non-trivial masks, never all-zero pixels."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    img = np.zeros((h, w, 3), np.float32)
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(0.1, 0.4) * min(h, w)
+        blob = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
+        img += blob[..., None] * rng.uniform(40, 160, size=3)
+    img += rng.normal(0, 12, size=img.shape)
+    return np.clip(img + 30, 0, 255).astype(np.uint8)
+
+
+def forced_trace(ts: TerraScope, n_tokens: int) -> list[int]:
+    """``n_tokens`` ids: reasoning text, [SEG] at SEG_AT, then ``</think><answer>B</answer>`` (the stop)."""
+    sp = ts.tokenizer.special_ids()
+    specials = set(sp.values())
+    body = [t for t in ts.tokenizer.encode(REASONING * 4) if t not in specials]
+    tail = ts.tokenizer.encode("</think><answer>B</answer>")
+    trace = body[: n_tokens - len(tail)] + tail
+    for p in SEG_AT:
+        if p < len(trace) - len(tail):
+            trace[p] = sp["seg"]
+    assert len(trace) == n_tokens
+    return trace
+
+
+def median(xs: list[float]) -> float:
+    return float(statistics.median(xs)) if xs else float("nan")
+
+
+# ---- workloads -----------------------------------------------------------------------------------------------
+def workload_images(kind: str, big: int, small: int, seed: int = 0) -> list[ImageInput]:
+    if kind == "optical":
+        return [ImageInput(scene(big, big, seed))]
+    if kind == "pair":  # before / after
+        return [ImageInput(scene(small, small, seed), "t0"), ImageInput(scene(small, small, seed + 1), "t1")]
+    if kind == "optical+sar":
+        return [ImageInput(scene(big, big, seed), "optical"), ImageInput(scene(big, big, seed + 2), "sar")]
+    raise ValueError(kind)
+
+
+def run_question(ts: TerraScope, images: list[ImageInput], trace: list[int], settings: GenerationSettings,
+                 naive: bool) -> tuple[float, Any]:
+    """One question from raw pixels to the result; returns (seconds, result)."""
+    dev = ts.model.device
+    sync(dev)
+    t0 = time.perf_counter()
+    if naive:
+        with naive_mode():
+            ctx = ts.prepare(images)
+            # the released code re-runs the SAM-2 image encoder at every [SEG]: drop the cache after each mask
+            res = ts.generator.run(ctx, QUESTION, OPTIONS, settings, on_mask=lambda step: ctx.sam_cache.clear(),
+                                   forced_ids=trace)
+    else:
+        ctx = ts.prepare(images)
+        res = fast_decode.fast_run(ts.generator, ctx, QUESTION, OPTIONS, settings, forced_ids=trace)
+    sync(dev)
+    return time.perf_counter() - t0, res
+
+
+def bench_workload(ts: TerraScope, kind: str, args: argparse.Namespace, log: Log, trace: list[int],
+                   settings: GenerationSettings, naive: bool) -> dict[str, Any]:
+    dev = ts.model.device
+    images = workload_images(kind, args.big, args.small)
+    out: dict[str, Any] = {"kind": kind, "path": "naive" if naive else "fast"}
+    reps = args.naive_repeats if naive else args.repeats
+    run_question(ts, images, trace, settings, naive)  # warm-up (graph capture, allocator, cuDNN/cuBLAS plans)
+    times, results = [], []
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for _ in range(reps):
+        s, res = run_question(ts, images, trace, settings, naive)
+        times.append(s)
+        results.append(res)
+    res = results[len(results) // 2]
+    tm = res.timings_ms
+    n_tok = len(res.token_ids) - res.token_ids.count(ts.generator.ids.region)
+    n_seg = len(res.steps)
+    out.update({
+        "e2e_s": median(times), "e2e_all_s": times, "tokens": n_tok, "seg": n_seg, "stopped": res.stopped,
+        "region_tokens": [len(st.token_indices) for st in res.steps],
+        "preprocess_ms": tm.get("preprocess_ms"), "vision_ms": tm.get("vision_ms"),
+        "prefill_ms": tm.get("prefill_ms"), "decode_ms": tm.get("decode_ms"), "seg_total_ms": tm.get("sam2_ms"),
+        "decode_ms_per_token": tm.get("decode_ms", 0) / max(1, n_tok),
+    })
+    if dev.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
+    log(f"[{out['path']}:{kind}] e2e {out['e2e_s']:.3f}s (runs {[round(t, 3) for t in times]}) "
+        f"tokens={n_tok} seg={n_seg} regions={out['region_tokens']} prefill={out['prefill_ms']:.1f}ms "
+        f"decode={out['decode_ms']:.1f}ms ({out['decode_ms_per_token']:.2f} ms/tok) seg={out['seg_total_ms']:.1f}ms "
+        f"vision={out['vision_ms']:.1f}ms prep={out['preprocess_ms']:.1f}ms peak={out.get('peak_gib', 0):.2f}GiB")
+    return out
+
+
+def bench_sam2_encode(ts: TerraScope, args: argparse.Namespace) -> float:
+    from model.preprocess import sam2_pixels
+
+    dev = ts.model.device
+    g = torch.from_numpy(sam2_pixels(scene(args.big, args.big, 0), ts.model.config.sam2.image_size))[None]
+    ts.model.sam2_encode(g)
+    times = []
+    for _ in range(3):
+        sync(dev)
+        t0 = time.perf_counter()
+        ts.model.sam2_encode(g)
+        sync(dev)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return median(times)
+
+
+def bench_decode_step(ts: TerraScope, kernels: str, prefix_len: int, steps: int, log: Log) -> dict[str, Any]:
+    """Graph replays of the bare decode step (batch 1, ``prefix_len`` image-prefix tokens): ms/step."""
+    model = ts.model
+    dev = model.device
+    dec = fast_decode.FastDecoder(model, max_prefix=prefix_len, max_row_len=steps + 64, inject_len=32,
+                                  kernels=kernels)
+    h = model.config.llm.hidden_size
+    gen = torch.Generator(device=dev).manual_seed(0)
+    dec.set_prefix(0, torch.randn(prefix_len, h, device=dev, dtype=model.dtype, generator=gen) * 0.02)
+    dec.capture()
+    dec._reset_state()
+    dec.pos.fill_(1)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        dec._launch_decode()
+    sync(dev)
+    ms = (time.perf_counter() - t0) * 1e3 / steps
+    layer_bytes = sum(t.numel() * t.element_size() for lw in dec.layers
+                      for t in (lw.wqkv, lw.wo, lw.wgu, lw.wd))
+    head_bytes = dec.lm_head_w.numel() * dec.lm_head_w.element_size()
+    gbs = (layer_bytes + head_bytes) / (ms * 1e-3) / 1e9
+    log(f"[decode-step:{kernels}] {ms:.3f} ms/step over {steps} replays, prefix {prefix_len}: "
+        f"weights {(layer_bytes + head_bytes) / 1e9:.2f} GB/step -> {gbs:.0f} GB/s")
+    del dec
+    return {"kernels": kernels, "ms_per_step": ms, "weight_gb": (layer_bytes + head_bytes) / 1e9, "gb_s": gbs}
+
+
+def bench_throughput(ts: TerraScope, batch: int, shared: bool, args: argparse.Namespace, log: Log,
+                     trace: list[int], settings: GenerationSettings) -> dict[str, Any]:
+    """``batch`` questions (forced traces) from raw pixels: one static-cache batch; q/s."""
+    dev = ts.model.device
+    n_images = max(1, batch // 8) if shared else batch
+    imgs = [[ImageInput(scene(args.big, args.big, 100 + i))] for i in range(n_images)]
+    qs_per = batch // n_images
+
+    def once() -> tuple[float, list[Any]]:
+        sync(dev)
+        t0 = time.perf_counter()
+        ctxs = [ts.prepare(im) for im in imgs]
+        qs = [fast_decode.Question(ctx, f"{QUESTION} (view {j})", OPTIONS, trace) for ctx in ctxs
+              for j in range(qs_per)]
+        res = fast_decode.answer_many(ts.generator, qs, settings, kernels=args.kernels_chosen)
+        sync(dev)
+        return time.perf_counter() - t0, res
+
+    once()  # warm-up: decoder buffers and graphs for this shape
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    runs = [once() for _ in range(args.tp_repeats)]
+    secs = median([r[0] for r in runs])
+    res = runs[0][1]
+    ok = all(len(r.steps) == len(SEG_AT) for r in res)
+    out = {"batch": batch, "shared": shared, "images": n_images, "s": secs, "q_per_s": batch / secs,
+           "all_two_masks": ok}
+    if dev.type == "cuda":
+        out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    log(f"[throughput] batch {batch:>2} {'shared' if shared else 'distinct'} ({n_images} images): "
+        f"{secs:.3f}s -> {out['q_per_s']:.2f} q/s (masks ok={ok}, peak {out.get('peak_gib', 0):.1f} GiB)")
+    fast_decode.release_decoders(ts.model)
+    return out
+
+
+# ---- main ------------------------------------------------------------------------------------------------------
+def build(args: argparse.Namespace, log: Log) -> TerraScope:
+    dev = torch.device(args.device)
+    dtype = "bfloat16" if dev.type == "cuda" else "float32"
+    if args.shape == "tiny":
+        cfg = TerraScopeConfig.from_dict(TINY)
+    else:
+        cfg = preset_config(args.preset)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    ts = TerraScope.random(cfg, TOKENIZER, device=args.device, dtype=dtype, seed=0)
+    sync(dev)
+    n = sum(p.numel() for p in ts.model.parameters())
+    msg = f"[build] {cfg.name}: {n / 1e9:.3f}B params, {dtype}, {time.perf_counter() - t0:.1f}s"
+    if dev.type == "cuda":
+        msg += f", peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB while building"
+    log(msg)
+    return ts
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python3 -m bench.gpu", description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    p.add_argument("--preset", default=None, help="terrascope-8b (cuda default) or terrascope-mini (cpu default)")
+    p.add_argument("--shape", default="full", choices=["full", "tiny"], help="tiny: a toy model, to test the script")
+    p.add_argument("--tokens", type=int, default=128, help="forced trace length")
+    p.add_argument("--batches", default=None, help="throughput batch sizes (default 1,8,32 on cuda, none on cpu)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--naive-repeats", type=int, default=2)
+    p.add_argument("--tp-repeats", type=int, default=1)
+    p.add_argument("--workloads", default=None, help="comma list of optical,pair,optical+sar")
+    p.add_argument("--kernels", default="eager,compiled", help="decode-step variants to time; the fastest is used")
+    p.add_argument("--no-naive", action="store_true")
+    p.add_argument("--out", default=None, help="folder for bench_gpu.json and bench_gpu.log")
+    args = p.parse_args(argv)
+    cpu = args.device == "cpu"
+    args.preset = args.preset or ("terrascope-mini" if cpu else "terrascope-8b")
+    if args.batches is None:
+        args.batches = "" if cpu else "1,8,32"
+    if args.workloads is None:
+        args.workloads = "optical" if cpu else "optical,pair,optical+sar"
+    # image sizes: 896x896 -> 4 tiles + thumbnail; CPU: one 512x512 tile; tiny: 112-px tiles
+    if args.shape == "tiny":
+        args.big, args.small = 224, 112
+    else:
+        args.big, args.small = (512, 512) if cpu else (896, 512)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    out_dir = Path(args.out) if args.out else None
+    log = Log(out_dir)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("bench.gpu: CUDA is not available; use --device cpu --preset terrascope-mini", file=sys.stderr)
+        return 2
+    import transformers
+
+    dev = torch.device(args.device)
+    results: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "torch": torch.__version__,
+        "transformers": transformers.__version__, "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor() or "cpu",
+        "threads": torch.get_num_threads(), "errors": [],
+    }
+    log(f"[env] {results['device']} torch {results['torch']} transformers {results['transformers']} "
+        f"python {results['python']} threads {results['threads']}")
+    torch.set_grad_enabled(False)
+    ts = build(args, log)
+    results["params"] = sum(p.numel() for p in ts.model.parameters())
+    trace = forced_trace(ts, args.tokens)
+    settings = GenerationSettings(max_new_tokens=4 * args.tokens + 256)
+
+    def guarded(name: str, fn, *a, **kw):
+        try:
+            return fn(*a, **kw)
+        except Exception as exc:  # noqa: BLE001 - one broken section must not cost the whole device run
+            log(f"[error] {name}: {exc!r}")
+            results["errors"].append({"section": name, "error": repr(exc), "tb": traceback.format_exc()})
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            return None
+
+    # 1. bare decode step per kernel variant (graph replay); pick the fastest for the rest
+    prefix = 5 * ts.model.config.tokens_per_tile + 180
+    variants = [k for k in args.kernels.split(",") if k]
+    steps = []
+    if dev.type == "cuda":
+        for k in variants:
+            r = guarded(f"decode-step:{k}", bench_decode_step, ts, k, prefix, 200, log)
+            if r:
+                steps.append(r)
+    results["decode_step"] = steps
+    args.kernels_chosen = min(steps, key=lambda r: r["ms_per_step"])["kernels"] if steps else "eager"
+    if args.kernels_chosen != "eager":
+        fast_decode.DEFAULT_KERNELS = args.kernels_chosen
+    log(f"[kernels] using {args.kernels_chosen}")
+
+    # 2. SAM-2 image encoder
+    results["sam2_encode_ms"] = guarded("sam2-encode", bench_sam2_encode, ts, args)
+    log(f"[sam2] encode {results['sam2_encode_ms']:.1f} ms" if results["sam2_encode_ms"] else "[sam2] failed")
+
+    # 3. workloads: fast, then the naive baseline on the same question
+    results["workloads"] = []
+    for kind in [w for w in args.workloads.split(",") if w]:
+        r = guarded(f"fast:{kind}", bench_workload, ts, kind, args, log, trace, settings, False)
+        if r:
+            results["workloads"].append(r)
+        fast_decode.release_decoders(ts.model)
+    results["naive"] = []
+    if not args.no_naive:
+        kinds = ["optical"] if dev.type == "cuda" else [w for w in args.workloads.split(",") if w]
+        for kind in kinds:
+            r = guarded(f"naive:{kind}", bench_workload, ts, kind, args, log, trace, settings, True)
+            if r:
+                results["naive"].append(r)
+
+    # 4. throughput
+    results["throughput"] = []
+    for b in [int(x) for x in args.batches.split(",") if x]:
+        for shared in (True, False):
+            if b == 1 and not shared:
+                continue  # one question: shared and distinct are the same run
+            r = guarded(f"throughput:{b}:{shared}", bench_throughput, ts, b, shared, args, log, trace, settings)
+            if r:
+                results["throughput"].append(r)
+
+    log.save(results)
+    table(results, log)
+    log.save(results)
+    return 1 if results["errors"] else 0
+
+
+def table(r: dict[str, Any], log: Log) -> None:
+    fast = {w["kind"]: w for w in r.get("workloads", [])}
+    naive = {w["kind"]: w for w in r.get("naive", [])}
+    log("")
+    log(f"== bench-gpu {r['date']} | {r['device']} | torch {r['torch']} | transformers {r['transformers']} ==")
+    opt = fast.get("optical")
+    if opt:
+        log(f"optical 4 tiles + thumbnail, {opt['tokens']}-token trace, {opt['seg']} [SEG] (regions "
+            f"{opt['region_tokens']}):")
+        log(f"  prefill            {opt['prefill_ms']:8.1f} ms   (vision {opt['vision_ms']:.1f} ms, "
+            f"preprocess {opt['preprocess_ms']:.1f} ms)")
+        log(f"  decode             {opt['decode_ms_per_token']:8.2f} ms/token (injections included)")
+        if r.get("sam2_encode_ms"):
+            per_seg = (opt["seg_total_ms"] - r["sam2_encode_ms"]) / max(1, opt["seg"])
+            log(f"  SAM-2 encode       {r['sam2_encode_ms']:8.1f} ms (once per image)")
+            log(f"  per [SEG]          {per_seg:8.1f} ms (decoder + selection + injection)")
+        log(f"  end to end         {opt['e2e_s']:8.3f} s/question")
+        if "peak_gib" in opt:
+            log(f"  peak GPU memory    {opt['peak_gib']:8.2f} GiB allocated ({opt['peak_reserved_gib']:.2f} reserved)")
+    for kind in ("pair", "optical+sar"):
+        w = fast.get(kind)
+        if w:
+            log(f"{kind:<12} e2e {w['e2e_s']:.3f} s, prefill {w['prefill_ms']:.1f} ms, decode "
+                f"{w['decode_ms_per_token']:.2f} ms/token, peak {w.get('peak_gib', 0):.2f} GiB")
+    for kind, n in naive.items():
+        f = fast.get(kind)
+        ratio = n["e2e_s"] / f["e2e_s"] if f else float("nan")
+        log(f"naive {kind:<8} e2e {n['e2e_s']:.3f} s, decode {n['decode_ms_per_token']:.2f} ms/token -> "
+            f"fast is {ratio:.2f}x faster end to end")
+    for s in r.get("decode_step", []):
+        log(f"decode step ({s['kernels']:8}) {s['ms_per_step']:.3f} ms ({s['gb_s']:.0f} GB/s of weights)")
+    for t in r.get("throughput", []):
+        log(f"batch {t['batch']:>2} {'shared  ' if t['shared'] else 'distinct'} ({t['images']:>2} images) "
+            f"{t['q_per_s']:7.2f} q/s")
+    if r.get("errors"):
+        log(f"ERRORS in: {[e['section'] for e in r['errors']]}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
