@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import fast_decode
 from .configuration_terrascope import PRESETS, preset_config, preset_weights_dir
 from .generation import GenerationTrace, Generator, VisualContext, prepare_images
 from .loading import CheckpointError, load_model, random_model
@@ -136,6 +137,10 @@ class TerraScope:
             if len(per_q) != len(questions):
                 raise ValueError(f"{len(questions)} questions but {len(per_q)} option lists")
         ctx = images if isinstance(images, VisualContext) else self.prepare(list(images))
+        # ---- GPU fast path (model/fast_decode.py, GPU engineer): one static-cache batch, prefix prefilled once
+        if fast_decode.enabled(self.model, settings):
+            return fast_decode.answer_many(self.generator, [fast_decode.Question(ctx, q, o)
+                                                            for q, o in zip(questions, per_q)], settings)
         return [self.generator.run(ctx, q, o, settings) for q, o in zip(questions, per_q)]
 
     # ---- description -----------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import prompting, selection
+from . import fast_decode, prompting, selection
 from .modeling_terrascope import Sam2Features, TerraScopeModel, mask_probabilities, text_relevance
 from .preprocess import TileLayout, dynamic_tiles, normalize_tiles, resize_to, sam2_pixels, single_tile
 from .types import (
@@ -206,6 +206,11 @@ class Generator:
             raise ValueError("max_new_tokens must be >= 1")
         if settings.injection not in ("mask", "box", "random", "none"):
             raise ValueError(f"unknown injection mode {settings.injection!r}")
+        # ---- GPU fast path (model/fast_decode.py, GPU engineer): same semantics on a static KV cache with
+        # CUDA graphs; default on CUDA for greedy decoding, TERRASCOPE_FAST_DECODE=0 turns it off.
+        if trace is None and prompt_ids is None and fast_decode.enabled(self.model, settings):
+            return fast_decode.fast_run(self, ctx, question, options, settings, on_token, on_mask, grounding,
+                                        should_stop, forced_ids)
         model, cfg, ids = self.model, self.model.config, self.ids
         lam = settings.max_tokens_per_seg or cfg.max_tokens_per_seg
         rng = np.random.default_rng(settings.seed)
