@@ -127,7 +127,8 @@ class AskTask(QgsTask):
             self.exception = exc
             cancelled = self.isCanceled() or (isinstance(exc, WorkerError) and exc.code == "cancelled")
             self.error = "Cancelled." if cancelled else describe(exc)
-            self.record.error = self.error
+            if not self.record.error:  # the dock may already have said why (the worker process died)
+                self.record.error = self.error
             return False
         finally:
             if client is not None:

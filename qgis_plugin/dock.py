@@ -30,7 +30,6 @@ from qgis.PyQt.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSizePolicy,
-    QSplitter,
     QToolButton,
     QVBoxLayout,
     QWidget,
@@ -78,8 +77,17 @@ def results_folder(settings: PluginSettings, project: QgsProject | None = None) 
     return Path(docs) / "TerraScope"
 
 
+def narrow(combo: QComboBox) -> QComboBox:
+    """Long layer names or examples must not widen the dock."""
+    combo.setSizeAdjustPolicy(QComboBox.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(12)
+    combo.setSizePolicy(QSizePolicy.Expanding, QSizePolicy.Fixed)
+    return combo
+
+
 def raster_combo(parent: QWidget, allow_empty: bool = False) -> QgsMapLayerComboBox:
     combo = QgsMapLayerComboBox(parent)
+    narrow(combo)
     combo.setFilters(QgsMapLayerProxyModel.RasterLayer)
     combo.setAllowEmptyLayer(allow_empty)
     if allow_empty:
@@ -116,12 +124,12 @@ class AskDock(QgsDockWidget):
         outer.setContentsMargins(6, 6, 6, 6)
         outer.addLayout(self._status_row(root))
         outer.addWidget(self._banner(root))
-        split = QSplitter(Qt.Vertical, root)
-        split.addWidget(self._inputs(split))
-        split.addWidget(self._outputs(split))
-        split.setStretchFactor(1, 1)
-        outer.addWidget(split, 1)
+        inputs = self._inputs(root)
+        inputs.setSizePolicy(QSizePolicy.Preferred, QSizePolicy.Maximum)
+        outer.addWidget(inputs)
+        outer.addWidget(self._outputs(root), 1)
         self.setWidget(root)
+        self.setMinimumWidth(320)
 
     def _status_row(self, parent: QWidget) -> QHBoxLayout:
         row = QHBoxLayout()
@@ -178,7 +186,7 @@ class AskDock(QgsDockWidget):
         form.addRow("SAR (optional)", self.sar_combo)
         form.addRow(self._series_box(box))
         region_row = QHBoxLayout()
-        self.region_combo = QComboBox(box)
+        self.region_combo = narrow(QComboBox(box))
         for key in (WHOLE, CANVAS, RECTANGLE, POLYGON):
             self.region_combo.addItem(REGION_LABELS[key], key)
         self.draw_button = QPushButton("Draw", box)
@@ -187,16 +195,19 @@ class AskDock(QgsDockWidget):
         region_row.addWidget(self.region_combo, 1)
         region_row.addWidget(self.draw_button)
         form.addRow("Region", region_row)
-        self.polygon_combo = QgsMapLayerComboBox(box)
+        self.polygon_combo = narrow(QgsMapLayerComboBox(box))
         self.polygon_combo.setFilters(QgsMapLayerProxyModel.PolygonLayer)
-        form.addRow("Polygons from", self.polygon_combo)
+        self.polygon_combo.setAllowEmptyLayer(True)
+        self.polygon_combo.setLayer(None)
+        self.polygon_label = QLabel("Polygons from", box)
+        form.addRow(self.polygon_label, self.polygon_combo)
         self.region_combo.currentIndexChanged.connect(self._region_changed)
         self._region_changed()
         self.question_edit = QPlainTextEdit(box)
         self.question_edit.setPlaceholderText("Ask a question about the image, e.g. " + EXAMPLES[0])
         self.question_edit.setMaximumHeight(64)
         form.addRow("Question", self.question_edit)
-        self.examples_combo = QComboBox(box)
+        self.examples_combo = narrow(QComboBox(box))
         self.examples_combo.addItem("Examples…")
         self.examples_combo.addItems(EXAMPLES)
         self.examples_combo.activated.connect(self._use_example)
@@ -238,7 +249,7 @@ class AskDock(QgsDockWidget):
         sp = QHBoxLayout(self.series_panel)
         sp.setContentsMargins(0, 0, 0, 0)
         self.series_list = QListWidget(self.series_panel)
-        self.series_list.setMaximumHeight(70)
+        self.series_list.setMaximumHeight(64)
         col = QVBoxLayout()
         for text, slot in (("Add", self._series_add), ("Remove", self._series_remove), ("▲", lambda: self._series_move(-1)),
                            ("▼", lambda: self._series_move(1))):
@@ -268,7 +279,9 @@ class AskDock(QgsDockWidget):
         hist_row.addWidget(self.export_button)
         lay.addLayout(hist_row)
         self.history_list = QListWidget(box)
-        self.history_list.setMaximumHeight(90)
+        self.history_list.setMaximumHeight(72)
+        self.history_list.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        self.history_list.setTextElideMode(Qt.ElideRight)
         self.history_list.itemClicked.connect(self._history_clicked)
         lay.addWidget(self.history_list)
         return box
@@ -282,7 +295,8 @@ class AskDock(QgsDockWidget):
     def _region_changed(self) -> None:
         kind = self.region_combo.currentData()
         self.draw_button.setVisible(kind == RECTANGLE)
-        self.polygon_combo.setEnabled(kind == POLYGON)
+        self.polygon_combo.setVisible(kind == POLYGON)
+        self.polygon_label.setVisible(kind == POLYGON)
 
     def _draw_rectangle(self) -> None:
         canvas = self.iface.mapCanvas()
@@ -511,6 +525,7 @@ class AskDock(QgsDockWidget):
         self._set_running(False)
         self.progress.setValue(100 if not failed else 0)
         self.progress.setFormat("Cancelled" if record.error == "Cancelled." else ("Failed" if failed else "Done"))
+        self.output.finish()
         if failed:
             self.output.set_error(record.error)
         else:

@@ -49,7 +49,8 @@ class AskRecord:
     options: list[str] = field(default_factory=list)
     layer_names: list[str] = field(default_factory=list)
     created: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))
-    reasoning: str = ""  # streamed text as it arrived (special tokens removed by the worker)
+    reasoning: str = ""  # the worker's reasoning (special tokens removed); the stream until `done`
+    stream: str = ""  # the text exactly as streamed, [SEG] markers included (replayed by the dock)
     answer: str = ""
     choice: str | None = None
     text: str = ""

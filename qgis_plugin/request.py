@@ -101,6 +101,7 @@ class EventFolder:
         if name == "token":
             text = str(ev.get("text", ""))
             self.record.reasoning += text
+            self.record.stream += text
             return text
         if name == "mask":
             step = self._step(ev, arrays)

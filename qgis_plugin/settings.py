@@ -30,7 +30,7 @@ class PluginSettings:
     python: str = ""  # interpreter of the worker venv; "" = not configured
     model: str = "terrascope-mini"  # a preset name or a checkpoint folder
     device: str = "auto"
-    request_timeout_s: float = 5.0  # how long without a heartbeat before the worker counts as gone
+    request_timeout_s: float = 4.0  # silence (the worker beats every 1 s) before it counts as gone: < 5 s
     start_timeout_s: float = 180.0  # how long a starting local worker may take to answer a ping
     max_side: int = 1024  # longest side (pixels) sent to the model; larger windows are decimated
     output_dir: str = ""  # "" = the project's folder (or ~/TerraScope when the project is unsaved)

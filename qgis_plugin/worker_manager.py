@@ -13,6 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QObject, QProcess, QProcessEnvironment, QThread, QTimer, pyqtSignal
 
 from .client import WorkerClient, WorkerError, WorkerUnavailable
@@ -141,6 +142,12 @@ def worker_command(settings: PluginSettings) -> tuple[str, list[str]]:
                              settings.model, "--device", settings.device]
 
 
+def _kill_if_running(proc: QProcess) -> None:
+    """SIGKILL a process that ignored SIGTERM (it may already be gone and deleted)."""
+    if not sip.isdeleted(proc) and proc.state() != QProcess.NotRunning:
+        proc.kill()
+
+
 class WorkerManager(QObject):
     """Owns the local worker process and the status poller."""
 
@@ -252,7 +259,7 @@ class WorkerManager(QObject):
             return
         self._expect_exit = True
         proc.terminate()
-        QTimer.singleShot(5000, lambda p=proc: p.kill() if p.state() != QProcess.NotRunning else None)
+        QTimer.singleShot(5000, lambda p=proc: _kill_if_running(p))
 
     def restart(self) -> None:
         if self.is_running():
