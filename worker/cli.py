@@ -100,6 +100,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         bus_pub=args.bus_pub,
         bus_sub=args.bus_sub,
         pool_size=args.pool_size,
+        curve_in_front=args.pool_curve,
         model_label=model,
         job_memory_budget=args.job_memory_budget_bytes,
     )
@@ -150,6 +151,8 @@ def _run_pool(args: argparse.Namespace, model: str, secret: bytes | None, client
         member += ["--dtype", args.dtype]
     if args.memory_limit_bytes:
         member += ["--memory-limit-bytes", str(args.memory_limit_bytes)]
+    if secret is not None:
+        member.append("--pool-curve")
     for p in args.allow_path:
         member += ["--allow-path", p]
     if args.debug:
@@ -310,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         w.add_argument(hidden, help=argparse.SUPPRESS)
     w.add_argument("--pool-member", action="store_true", help=argparse.SUPPRESS)
     w.add_argument("--pool-size", type=int, default=1, help=argparse.SUPPRESS)
+    w.add_argument("--pool-curve", action="store_true", help=argparse.SUPPRESS)
     w.set_defaults(func=cmd_worker)
 
     a = sub.add_parser("ask", help="ask a question about one or more rasters")

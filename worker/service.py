@@ -71,6 +71,7 @@ class ServiceConfig:
     bus_pub: str | None = None  # pool control bus (cancel/keepalive/shutdown across members)
     bus_sub: str | None = None
     pool_size: int = 1
+    curve_in_front: bool = False  # a pool member whose pool's public socket uses CURVE
     model_label: str = ""  # what was asked for (path or preset), shown until the model reports itself
     # RSS one job may add before it fails with MemoryError -> "oom" (checked each decode step): a soft
     # host-memory cap, and how the reliability tests simulate running out of memory mid-generation.
@@ -322,8 +323,11 @@ class WorkerService:
             self._emit(push, job, P.error_event(req.id, P.BAD_RASTER, exc.message, reason=exc.code))
         except Exception as exc:  # noqa: BLE001 - the worker must survive any one request
             if _is_oom(exc):
-                _release_memory()
                 msg = f"out of memory while answering ({exc}); memory was released, try a smaller region"
+                # the traceback's frames hold the job's tensors and arrays: drop them before releasing
+                traceback.clear_frames(exc.__traceback__)
+                exc.__traceback__ = None
+                _release_memory()
                 self._emit(push, job, P.error_event(req.id, P.OOM, msg))
             else:
                 log.error("request %s failed:\n%s", req.id, traceback.format_exc())
@@ -792,7 +796,7 @@ class WorkerService:
             protocol_version=P.PROTOCOL_VERSION,
             pid=os.getpid(),
             pool_size=self.config.pool_size,
-            curve=self.config.curve_secret is not None,
+            curve=self.config.curve_secret is not None or self.config.curve_in_front,
             stats=dict(self.stats),
         )
 
