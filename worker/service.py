@@ -73,8 +73,8 @@ class ServiceConfig:
     pool_size: int = 1
     curve_in_front: bool = False  # a pool member whose pool's public socket uses CURVE
     model_label: str = ""  # what was asked for (path or preset), shown until the model reports itself
-    # RSS one job may add before it fails with MemoryError -> "oom" (checked each decode step): a soft
-    # host-memory cap, and how the reliability tests simulate running out of memory mid-generation.
+    # peak RSS one job may add before it fails with MemoryError -> "oom" (checked each decode step): a
+    # soft host-memory cap, and how the reliability tests simulate running out of memory mid-generation.
     job_memory_budget: int | None = None
 
 
@@ -104,7 +104,12 @@ def _release_memory() -> None:
     torch = sys.modules.get("torch")
     if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()
-    try:  # hand freed heap pages back to the OS (glibc keeps them otherwise)
+    _trim()
+
+
+def _trim() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    try:
         import ctypes
 
         ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -119,6 +124,26 @@ def _rss() -> int | None:
             return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def _start_peak_window() -> None:
+    """Restart the process's peak-RSS (VmHWM) count, so it measures one job (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 class JobQueue:
@@ -362,7 +387,11 @@ class WorkerService:
 
         req = job.request
         t0 = time.monotonic()
-        budget, rss0 = self.config.job_memory_budget, _rss()
+        budget, rss0 = self.config.job_memory_budget, None
+        if budget is not None:  # count this job's peak from a clean heap: deterministic across jobs
+            _trim()
+            _start_peak_window()
+            rss0 = _rss()
         prepared = self._prepare(req)
         prep_ms = (time.monotonic() - t0) * 1000
         images = [ImageInput(pixels=p.pixels, role=im.role) for p, im in zip(prepared, req.images)]
@@ -409,7 +438,7 @@ class WorkerService:
 
         def should_stop() -> bool:
             if budget is not None and rss0 is not None:
-                grown = (_rss() or rss0) - rss0
+                grown = (_peak_rss() or rss0) - rss0
                 if grown > budget:
                     raise MemoryError(f"the job's memory budget of {budget / 2**20:.0f} MiB was exceeded "
                                       f"(+{grown / 2**20:.0f} MiB)")
