@@ -274,13 +274,14 @@ class FastDecoder:
         self.kernels = kernels
         self._rms, self._rope, self._silu_mul = _rms, _rope, _silu_mul
         if kernels == "compiled":  # fuse the elementwise chains (norm, rope, SwiGLU) with Inductor
-            self._rms = torch.compile(_rms, dynamic=False)
-            self._rope = torch.compile(_rope, dynamic=False)
-            self._silu_mul = torch.compile(_silu_mul, dynamic=False)
+            self._rms = torch.compile(_rms)
+            self._rope = torch.compile(_rope)
+            self._silu_mul = torch.compile(_silu_mul)
         elif kernels != "eager":
             raise ValueError(f"kernels must be 'eager' or 'compiled', got {kernels!r}")
         self._alloc()
-        self._graphs: dict[str, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
+        self._cur_pb = self.P
         self.prefix_keys: dict[int, tuple] = {}  # group -> what its prefix cache holds (reused across calls)
         self._pool = None
         self._ring = None
@@ -317,22 +318,25 @@ class FastDecoder:
         return sum(t.numel() * t.element_size() for t in (self.k_pre, self.v_pre, self.k_row, self.v_row))
 
     # ---- the decoder math ------------------------------------------------------------------------------------
-    def _forward(self, x: torch.Tensor, n_valid: torch.Tensor, emit: torch.Tensor, fused: bool = False) -> None:
+    def _forward(self, x: torch.Tensor, n_valid: torch.Tensor, emit: torch.Tensor, pb: int, sb: int,
+                 fused: bool = False) -> None:
         """Run rows' tokens ``x`` [B, L, H] at their positions; update cache, hidden_out, tok, pos, count.
 
-        Row b's first ``n_valid[b]`` tokens are real; the rest are padding whose cache writes land beyond
-        the row's new position, where the causal mask hides them until real tokens overwrite them.
-        ``fused`` uses the compiled elementwise helpers (graph bodies only: fixed shapes, no recompiles).
+        Attention reads the first ``pb`` prefix slots and ``sb`` row slots only (length buckets: a step
+        never streams the unused tail of the cache). Row b's first ``n_valid[b]`` tokens are real; the rest
+        are padding whose cache writes land beyond the row's new position, where the causal mask hides them
+        until real tokens overwrite them. ``fused`` uses the compiled elementwise helpers (graph bodies).
         """
         rms, rope, silu_mul = (self._rms, self._rope, self._silu_mul) if fused else (_rms, _rope, _silu_mul)
-        G, R, B, kvh, g, d, S, P = self.G, self.R, self.B, self.kvh, self.g, self.d, self.S, self.P
+        G, R, B, kvh, g, d = self.G, self.R, self.B, self.kvh, self.g, self.d
         L = x.shape[1]
         nh = self.nh
         ar = torch.arange(L, device=self.device)
         lim = self.pos[:, None] + ar[None, :]  # [B, L] last visible row slot of each query
-        row_mask = torch.where(self.slots[None, None, :] <= lim[..., None], 0.0, NEG_INF).to(self.dtype)
-        row_mask = (row_mask.view(G, 1, R, 1, L, S).expand(G, kvh, R, g, L, S).reshape(G * kvh * R, g * L, S))
-        plen = self.prefix_len.repeat_interleave(R) if R > 1 else self.prefix_len
+        row_mask = torch.where(self.slots[None, None, :sb] <= lim[..., None], 0.0, NEG_INF).to(self.dtype)
+        row_mask = row_mask.view(G, 1, R, 1, L, sb).expand(G, kvh, R, g, L, sb).reshape(G * kvh * R, g * L, sb)
+        pmask = self.pmask[:, :, :pb]
+        plen = self.prefix_len[:, None].expand(G, R).reshape(B)
         abs_pos = (plen + self.pos)[:, None] + ar[None, :]  # [B, L]
         freqs = abs_pos.float()[..., None] * self.inv_freq
         emb = torch.cat((freqs, freqs), -1)
@@ -352,15 +356,15 @@ class FastDecoder:
             kr.scatter_(3, slot_idx, k)
             vr.scatter_(3, slot_idx, v)
             q = qk[:, :, :nh].reshape(G, R, L, kvh, g, d).permute(0, 3, 1, 4, 2, 5).contiguous()
-            kp = self.k_pre[li].view(G * kvh, P, d)
-            vp = self.v_pre[li].view(G * kvh, P, d)
-            sp = torch.baddbmm(self.pmask, q.view(G * kvh, R * g * L, d), kp.transpose(1, 2), alpha=self.scale)
-            sr = torch.baddbmm(row_mask, q.view(G * kvh * R, g * L, d),
-                               kr.view(G * kvh * R, S, d).transpose(1, 2), alpha=self.scale)
-            probs = torch.cat((sp.view(G, kvh, R, g * L, P), sr.view(G, kvh, R, g * L, S)), -1).softmax(-1)
-            o = torch.bmm(probs[..., :P].reshape(G * kvh, R * g * L, P), vp)
-            o = torch.baddbmm(o.view(G * kvh * R, g * L, d), probs[..., P:].reshape(G * kvh * R, g * L, S),
-                              vr.view(G * kvh * R, S, d))
+            kp = self.k_pre[li, :, :, :pb].reshape(G * kvh, pb, d)
+            vp = self.v_pre[li, :, :, :pb].reshape(G * kvh, pb, d)
+            krb = kr[:, :, :, :sb].reshape(G * kvh * R, sb, d)
+            vrb = vr[:, :, :, :sb].reshape(G * kvh * R, sb, d)
+            sp = torch.baddbmm(pmask, q.view(G * kvh, R * g * L, d), kp.transpose(1, 2), alpha=self.scale)
+            sr = torch.baddbmm(row_mask, q.view(G * kvh * R, g * L, d), krb.transpose(1, 2), alpha=self.scale)
+            probs = torch.cat((sp.view(G, kvh, R, g * L, pb), sr.view(G, kvh, R, g * L, sb)), -1).softmax(-1)
+            o = torch.bmm(probs[..., :pb].reshape(G * kvh, R * g * L, pb), vp)
+            o = torch.baddbmm(o.view(G * kvh * R, g * L, d), probs[..., pb:].reshape(G * kvh * R, g * L, sb), vrb)
             o = o.view(G, kvh, R, g, L, d).permute(0, 2, 4, 1, 3, 5).reshape(B * L, nh * d)
             h = torch.addmm(h, o, w.wo.t())
             n2 = rms(h, w.ln2, self.eps)
@@ -375,41 +379,70 @@ class FastDecoder:
         self.count.add_(emit.long())
         self.pos.copy_(torch.clamp(self.pos + n_valid, max=self.cap))
 
-    def _decode_body(self) -> None:
-        emit = self.tok != self.seg_id  # a step fed [SEG] emits nothing: its logits are discarded
-        x = F.embedding(self.tok[:, None], self.embed_w)
-        self._forward(x, self.ones_b, emit, fused=True)
+    def _body(self, kind: str, pb: int, sb: int) -> None:
+        if kind == "decode":
+            emit = self.tok != self.seg_id  # a step fed [SEG] emits nothing: its logits are discarded
+            x = F.embedding(self.tok[:, None], self.embed_w)
+            self._forward(x, self.ones_b, emit, pb, sb, fused=True)
+        else:
+            self._forward(self.rag_embeds, self.rag_nvalid, self.rag_emit, pb, sb, fused=True)
 
-    def _ragged_body(self) -> None:
-        self._forward(self.rag_embeds, self.rag_nvalid, self.rag_emit, fused=True)
+    # ---- length buckets and graphs ------------------------------------------------------------------------------
+    def _sb(self, need: int) -> int:
+        """Smallest row bucket holding ``need`` slots (powers of two from 128, capped at the capacity)."""
+        b = 128
+        while b < need:
+            b *= 2
+        return min(b, self.S)
 
-    # ---- graphs -----------------------------------------------------------------------------------------------
-    def _capture(self, name: str, body: Callable[[], None]) -> torch.cuda.CUDAGraph:
-        """Warm up on a side stream, then capture. Warm-up writes only scratch state that generate resets."""
+    def _pb(self) -> int:
+        return min(_round_up(int(self.prefix_len.max()), 128), self.P)
+
+    def _launch(self, kind: str, need: int) -> None:
+        """Run one decode ("decode") or injection ("ragged") step: graph replay when graphed."""
+        pb, sb = self._cur_pb, self._sb(need)
+        if not self.use_graphs:
+            self._body(kind, pb, sb)
+            return
+        key = (kind, pb, sb)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._capture(key)
+        graph.replay()
+
+    def _capture(self, key: tuple[str, int, int]) -> torch.cuda.CUDAGraph:
+        """Warm up on a side stream, then capture; the live state is saved and restored around it.
+
+        Warm-up steps write K/V only at or after each row's position (slots nothing valid occupies yet).
+        """
+        kind, pb, sb = key
+        saved = [t.clone() for t in (self.pos, self.tok, self.count, self.hidden_out)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                body()
+                self._body(kind, pb, sb)
+                self.pos.copy_(saved[0])
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            body()
+            self._body(kind, pb, sb)
         self._pool = graph.pool()
-        self._graphs[name] = graph
+        for t, v in zip((self.pos, self.tok, self.count, self.hidden_out), saved):
+            t.copy_(v)
+        self._graphs[key] = graph
         return graph
 
-    def capture(self) -> None:
-        """Capture both graphs now (otherwise on first use), e.g. while loading."""
+    def capture(self, row_len: int = 128) -> None:
+        """Capture the decode and injection graphs of the first buckets now (e.g. while loading)."""
         if not self.use_graphs:
             return
+        self._cur_pb = self._pb()
         with torch.no_grad():
-            self._reset_state()
-            if "decode" not in self._graphs:
-                self._capture("decode", self._decode_body)
-            if "ragged" not in self._graphs:
-                self._capture("ragged", self._ragged_body)
-            self._reset_state()
+            for kind in ("decode", "ragged"):
+                key = (kind, self._cur_pb, self._sb(row_len))
+                if key not in self._graphs:
+                    self._capture(key)
 
     def _reset_state(self) -> None:
         self.pos.zero_()
@@ -417,15 +450,6 @@ class FastDecoder:
         self.count.zero_()
         self.rag_nvalid.fill_(1)
         self.rag_emit.fill_(True)
-
-    def _launch_decode(self) -> None:
-        if self.use_graphs:
-            self._graphs["decode"].replay()
-        else:
-            self._decode_body()
-
-    def _launch_ragged(self) -> None:
-        self._graphs["ragged"].replay()
 
     def _post(self) -> _Pending:
         if self._ring is None:
@@ -478,7 +502,7 @@ class FastDecoder:
         stats = stats if stats is not None else DecodeStats()
         stats.graphed = self.use_graphs
         slot_of = self._arrange(rows)
-        self.capture()  # no-op once captured; must not run mid-generation (its warm-up moves the state)
+        self._cur_pb = self._pb()
         B = self.B
         width = max(r.embeds.shape[0] for r in rows)
         if any(r.embeds.shape[0] < 1 for r in rows) or width > self.cap:
@@ -493,8 +517,8 @@ class FastDecoder:
         for s, r in zip(slot_of, rows):
             emb[s, : r.embeds.shape[0]] = r.embeds.to(self.device, self.dtype)
             used[s] = r.embeds.shape[0]
-        self._forward(emb, torch.tensor(used, device=self.device), torch.ones(B, dtype=torch.bool,
-                                                                                device=self.device))
+        self._forward(emb, torch.tensor(used, device=self.device), torch.ones(B, dtype=torch.bool, device=self.device),
+                      self._cur_pb, self._sb(width))
         prev = self._post()
         if self.device.type == "cuda":
             prev.tokens()
@@ -580,10 +604,11 @@ class FastDecoder:
                     nv[s], em[s] = e.shape[0], True
                 self.rag_nvalid.copy_(torch.tensor(nv))
                 self.rag_emit.copy_(torch.tensor(em))
-                if wide <= self.Linj and self.use_graphs:
-                    self._launch_ragged()
-                else:  # CPU, or wider than the injection graph: an eager step at this width
-                    self._forward(buf[:, :wide], self.rag_nvalid, self.rag_emit)
+                need = max(used[s] for s in range(B) if not done[s]) + max(wide, self.Linj)
+                if wide <= self.Linj:
+                    self._launch("ragged", need)
+                else:  # wider than the injection graph: an eager step at this width
+                    self._forward(buf[:, :wide], self.rag_nvalid, self.rag_emit, self._cur_pb, self._sb(need))
                 stats.inject_steps += 1
                 for s in range(B):
                     used[s] += nv[s]
@@ -596,7 +621,8 @@ class FastDecoder:
                 break
             if any(used[s] + 1 > self.cap for s in range(B) if not done[s]):
                 raise ValueError(f"answer outgrew the cache (max_row_len={self.S}); raise it")
-            self._launch_decode()  # step s+1 is queued before step s is read: the GPU never idles here
+            self._launch("decode", max(used[s] for s in range(B) if not done[s]) + 1)
+            # ^ step s+1 is queued before step s is read: the GPU never idles here
             stats.decode_steps += 1
             for s in range(B):
                 used[s] += 1

@@ -230,7 +230,7 @@ def test_cuda_graph_replays_match_eager_steps():
     a = naive(ts, ctx, "Where is the water?", s, forced_ids=forced)
     b = fd.fast_run(ts.generator, ctx, "Where is the water?", None, s, forced_ids=forced)
     (dec,) = ts.model.__dict__["_ts_fast_decoders"].values()
-    assert dec.use_graphs and set(dec._graphs) == {"decode", "ragged"}
+    assert dec.use_graphs and {key[0] for key in dec._graphs} == {"decode", "ragged"}
     assert_same(a, b)
     c = fd.fast_run(ts.generator, ctx, "Where is the water?", None, s, forced_ids=forced)  # graphs replayed
     assert_same(b, c)
