@@ -250,6 +250,29 @@ def assert_served(raw: RawClient, max_new_tokens: int = 4) -> dict:
     return last
 
 
+LONG_CANDIDATES = [("Where is the water?", 0), ("Where is the water?", 1), ("Where is the bright square?", 1),
+                   ("Where is the bright square?", 3), ("Where is the water?", 2)]
+
+
+def long_ask(worker: WorkerProc, max_new_tokens: int = 8000) -> tuple[dict, dict]:
+    """An ``ask`` the random-weights fixture keeps generating for (no early end-of-answer token):
+    the first candidate that runs to 200 tokens on this worker, scaled to ``max_new_tokens``."""
+    global _LONG
+    if _LONG is None:
+        with worker.client(timeout_s=10) as c:
+            for question, seed in LONG_CANDIDATES:
+                done = c.ask(*ask(scene(seed=seed), question=question, max_new_tokens=200))
+                if done["stopped"] == "max_new_tokens":
+                    _LONG = (question, seed)
+                    break
+        assert _LONG is not None, "no candidate question makes the fixture model generate 200 tokens"
+    question, seed = _LONG
+    return ask(scene(seed=seed), question=question, max_new_tokens=max_new_tokens)
+
+
+_LONG: tuple[str, int] | None = None
+
+
 def assert_error(ev: dict, code: str | set[str]) -> None:
     codes = {code} if isinstance(code, str) else code
     assert ev["event"] == "error", ev
