@@ -127,14 +127,15 @@ def _write_masks(path: Path, steps: list[StepRecord]) -> None:
         rows, cols = step.mask.shape
         options = [f"RASTER_TABLE={mask_table(step.step)}", "APPEND_SUBDATASET=YES", "TILE_FORMAT=PNG",
                    f"RASTER_DESCRIPTION=Mask of step {step.step + 1}: {step.label[:200]}"]
-        ds = gdal.GetDriverByName("GPKG").Create(str(path), cols, rows, 1, gdal.GDT_Byte, options=options)
+        # UInt16 (a gridded coverage) reads back as one band; Byte tiles would read back as RGBA.
+        ds = gdal.GetDriverByName("GPKG").Create(str(path), cols, rows, 1, gdal.GDT_UInt16, options=options)
         if ds is None:
             raise ResultsWriteError(f"cannot add mask {step.step + 1} to {path}: {gdal.GetLastErrorMsg()}")
         ds.SetGeoTransform(list(step.transform))
         srs = _srs(step.crs_wkt)
         if srs is not None:
             ds.SetProjection(srs.ExportToWkt())
-        ds.GetRasterBand(1).WriteArray(step.mask.astype(np.uint8))
+        ds.GetRasterBand(1).WriteArray(step.mask.astype(np.uint16))
         ds.FlushCache()
         ds = None
 
@@ -189,7 +190,9 @@ def write_results(record: AskRecord, folder: Path, context: QgsCoordinateTransfo
         _write_vectors(part, record)
         _write_masks(part, record.steps)
         _write_styles_and_metadata(part, record)
-        return _publish(part, folder, stem)
+        final = _publish(part, folder, stem)
+        record.gpkg_path = str(final)
+        return final
     except ResultsWriteError:
         part.unlink(missing_ok=True)
         raise

@@ -51,6 +51,21 @@ def read_key_file(path: str) -> tuple[str | None, str | None]:
     raise SettingsError(f"{path} holds no 40-character CURVE key.")
 
 
+def keys_from_folder(folder: str | Path) -> CurveKeys:
+    """The keys `terrascope keys DIR` wrote: server.public, client.public, client.secret."""
+    folder = Path(folder)
+    values = []
+    for name in ("server.public", "client.public", "client.secret"):
+        path = folder / name
+        if not path.exists():
+            raise SettingsError(f"{folder} has no {name} (make the keys with `terrascope keys {folder}`).")
+        pub, sec = read_key_file(str(path))
+        values.append(sec if name.endswith("secret") else pub)
+    keys = CurveKeys(*values)
+    keys.validate()
+    return keys
+
+
 class SettingsDialog(QDialog):
     """Edits a copy of the settings; `saved` holds the result after Accept."""
 
@@ -92,10 +107,24 @@ class SettingsDialog(QDialog):
         self.max_tokens = QSpinBox(box)
         self.max_tokens.setRange(1, 8192)
         self.max_tokens.setValue(s.max_new_tokens)
+        self.max_seg = QSpinBox(box)
+        self.max_seg.setRange(0, 20)
+        self.max_seg.setValue(s.max_seg)
+        self.temperature = QDoubleSpinBox(box)
+        self.temperature.setRange(0.0, 5.0)
+        self.temperature.setSingleStep(0.1)
+        self.temperature.setValue(s.temperature)
+        self.temperature.setToolTip("0 = greedy: the same question on the same pixels gives the same answer")
+        self.seed = QSpinBox(box)
+        self.seed.setRange(0, 2**31 - 1)
+        self.seed.setValue(s.seed)
         form.addRow("Endpoint", self.endpoint)
         form.addRow("Response timeout", self.timeout)
         form.addRow("Largest image side", self.max_side)
         form.addRow("Longest answer (tokens)", self.max_tokens)
+        form.addRow("Most [SEG] steps", self.max_seg)
+        form.addRow("Temperature", self.temperature)
+        form.addRow("Seed", self.seed)
         return box
 
     def _local_box(self, s: PluginSettings) -> QGroupBox:
@@ -142,7 +171,8 @@ class SettingsDialog(QDialog):
         self.client_secret.setPlaceholderText("client secret key")
         self.client_secret.setEchoMode(QLineEdit.Password)
         row = QHBoxLayout()
-        load = QPushButton("Import key files…", box)
+        load = QPushButton("Import keys folder…", box)
+        load.setToolTip("The folder written by `terrascope keys DIR` (server.public, client.public, client.secret)")
         load.clicked.connect(self._import_keys)
         clear = QPushButton("Forget stored key", box)
         clear.clicked.connect(self._forget_key)
@@ -186,22 +216,19 @@ class SettingsDialog(QDialog):
         if folder:
             self.model.setEditText(folder)
 
-    def _import_keys(self) -> None:
-        paths, _ = QFileDialog.getOpenFileNames(self, "Key files (server public, client key pair)")
-        for path in paths:
-            try:
-                pub, sec = read_key_file(path)
-            except (OSError, SettingsError) as exc:
-                self.error_label.setText(str(exc))
-                continue
-            if sec:
-                self.client_secret.setText(sec)
-                if pub:
-                    self.client_public.setText(pub)
-            elif pub and "server" in Path(path).name:
-                self.server_key.setText(pub)
-            elif pub:
-                self.client_public.setText(pub)
+    def _import_keys(self, folder: str | None = None) -> None:
+        folder = folder or QFileDialog.getExistingDirectory(self, "Folder written by `terrascope keys`")
+        if not folder:
+            return
+        try:
+            keys = keys_from_folder(folder)
+        except (OSError, SettingsError) as exc:
+            self.error_label.setText(str(exc))
+            return
+        self.server_key.setText(keys.server_public)
+        self.client_public.setText(keys.client_public)
+        self.client_secret.setText(keys.client_secret)
+        self._clear_key = False
 
     def _forget_key(self) -> None:
         self._clear_key = True
@@ -213,6 +240,7 @@ class SettingsDialog(QDialog):
         """The edited settings (not saved); raises SettingsError for a bad value."""
         s = replace(self.original, endpoint=self.endpoint.text().strip(), request_timeout_s=self.timeout.value(),
                     max_side=self.max_side.value(), max_new_tokens=self.max_tokens.value(),
+                    max_seg=self.max_seg.value(), temperature=self.temperature.value(), seed=self.seed.value(),
                     auto_start=self.auto_start.isChecked(), python=self.python.filePath().strip(),
                     model=self.model.currentText().strip(), device=self.device.currentText(),
                     start_timeout_s=self.start_timeout.value(), output_dir=self.output_dir.filePath().strip())
