@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 
 import numpy as np
@@ -222,43 +221,51 @@ def test_client_that_vanishes_gets_its_job_cancelled(worker) -> None:
     assert running() == 0
 
 
-def test_killed_worker_is_detected_within_5_s(tmp_path) -> None:
-    wp = start_worker(tmp_path)
+@pytest.fixture(scope="module")
+def doomed_worker(tmp_path_factory):
+    """A worker of its own for the two fault tests: first frozen (SIGSTOP), then killed."""
+    wp = start_worker(tmp_path_factory.mktemp("doomed"))
+    yield wp
+    if wp.proc.poll() is None:
+        os.kill(wp.proc.pid, signal.SIGCONT)
+    wp.stop()
+
+
+def test_hung_worker_mid_answer_is_detected_within_5_s(doomed_worker) -> None:
+    wp = doomed_worker
+    header, arrays = long_ask()
+    stopped_at: list[float] = []
+
+    def on_event(ev, _):
+        if ev["event"] == "token" and not stopped_at:
+            os.kill(wp.proc.pid, signal.SIGSTOP)  # alive but silent: only the heartbeat can tell
+            stopped_at.append(time.monotonic())
+
     try:
-        header, arrays = long_ask()
-        seen = threading.Event()
-        killed_at: list[float] = []
-
-        def on_event(ev, _):
-            if ev["event"] == "token" and not seen.is_set():
-                seen.set()
-                os.kill(wp.proc.pid, signal.SIGKILL)
-                killed_at.append(time.monotonic())
-
-        with WorkerClient(wp.endpoint) as c, pytest.raises(WorkerUnavailable) as e:
-            c.ask(header, arrays, on_event=on_event)
-        detected = time.monotonic() - killed_at[0]
-        assert detected < 5.0, detected
-        assert "crash" in str(e.value) or "stopped" in str(e.value)
-    finally:
-        wp.stop()
-
-
-def test_hung_worker_mid_answer_is_detected_within_5_s(tmp_path) -> None:
-    wp = start_worker(tmp_path)
-    try:
-        header, arrays = long_ask()
-        stopped_at: list[float] = []
-
-        def on_event(ev, _):
-            if ev["event"] == "token" and not stopped_at:
-                os.kill(wp.proc.pid, signal.SIGSTOP)  # alive but silent: only the heartbeat can tell
-                stopped_at.append(time.monotonic())
-
         with WorkerClient(wp.endpoint) as c, pytest.raises(WorkerUnavailable):
             c.ask(header, arrays, on_event=on_event)
         assert time.monotonic() - stopped_at[0] < 5.0
     finally:
-        if wp.proc.poll() is None:
-            os.kill(wp.proc.pid, signal.SIGCONT)
-        wp.stop()
+        os.kill(wp.proc.pid, signal.SIGCONT)
+    with WorkerClient(wp.endpoint) as c:  # thawed, it serves again (its old job was abandoned: cancelled)
+        deadline = time.monotonic() + 10
+        while c.ping()["running"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert c.ping()["running"] == 0
+
+
+def test_killed_worker_is_detected_within_5_s(doomed_worker) -> None:
+    wp = doomed_worker
+    header, arrays = long_ask()
+    killed_at: list[float] = []
+
+    def on_event(ev, _):
+        if ev["event"] == "token" and not killed_at:
+            os.kill(wp.proc.pid, signal.SIGKILL)
+            killed_at.append(time.monotonic())
+
+    with WorkerClient(wp.endpoint) as c, pytest.raises(WorkerUnavailable) as e:
+        c.ask(header, arrays, on_event=on_event)
+    detected = time.monotonic() - killed_at[0]
+    assert detected < 5.0, detected
+    assert "crash" in str(e.value) or "stopped" in str(e.value)

@@ -175,31 +175,6 @@ def test_nothing_listening_is_reported_within_the_timeout(tmp_path) -> None:
         assert time.monotonic() - t0 < 3.0
 
 
-def test_a_hung_worker_is_detected_then_recovers(tmp_path) -> None:
-    wp = start_worker(tmp_path, ready=False)
-    try:
-        with wp.client(timeout_s=2.0) as c:
-            assert c.ping()["event"] == "pong"
-            os.kill(wp.proc.pid, signal.SIGSTOP)
-            try:
-                t0 = time.monotonic()
-                with pytest.raises(WorkerUnavailable):
-                    c.ping()
-                assert time.monotonic() - t0 < 4.0
-            finally:
-                os.kill(wp.proc.pid, signal.SIGCONT)
-            assert c.ping()["event"] == "pong"
-    finally:
-        wp.stop()
-
-
-def test_shutdown_stops_the_worker_cleanly(tmp_path) -> None:
-    wp = start_worker(tmp_path, ready=False)
-    with wp.client() as c:
-        assert c.shutdown()["event"] == "bye"
-    assert wp.proc.wait(20) == 0
-
-
 def test_non_loopback_bind_requires_curve() -> None:
     proc = subprocess.run([sys.executable, "-m", "worker.cli", "worker", "--endpoint", "tcp://0.0.0.0:5599",
                            "--model", "tests/fixtures/terrascope-official-tiny/checkpoint"],
@@ -207,3 +182,24 @@ def test_non_loopback_bind_requires_curve() -> None:
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "CURVE" in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_a_hung_worker_is_detected_then_recovers(io_worker) -> None:
+    with io_worker.client(timeout_s=2.0) as c:
+        assert c.ping()["event"] == "pong"
+        os.kill(io_worker.proc.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(WorkerUnavailable):
+                c.ping()
+            assert time.monotonic() - t0 < 4.0
+        finally:
+            os.kill(io_worker.proc.pid, signal.SIGCONT)
+        assert c.ping()["event"] == "pong"
+
+
+def test_shutdown_stops_the_worker_cleanly(io_worker) -> None:
+    """Last in this module: it ends the shared worker."""
+    with io_worker.client() as c:
+        assert c.shutdown()["event"] == "bye"
+    assert io_worker.proc.wait(20) == 0
