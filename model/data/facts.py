@@ -29,7 +29,7 @@ def location_phrase(mask: np.ndarray) -> str:
     """Where a mask lies: "in the north-western part", "in the southern half", "scattered across the image".
 
     Rule (north = top row of pixels): more than 60 % of the image -> "across most of the image"; else the
-    3 x 3 cell holding >= 50 % of the mask; else the half holding >= 75 %; else "scattered across the image".
+    3 x 3 cell holding more than half of the mask; else the half holding >= 75 %; else "scattered across the image".
     """
     m = np.asarray(mask, bool)
     total = int(m.sum())
@@ -42,7 +42,7 @@ def location_phrase(mask: np.ndarray) -> str:
     cb = [0, w // 3, 2 * w // 3, w]
     shares = np.array([[m[rb[r]:rb[r + 1], cb[c]:cb[c + 1]].sum() for c in range(3)] for r in range(3)]) / total
     r, c = np.unravel_index(int(np.argmax(shares)), shares.shape)
-    if shares[r, c] >= 0.5:
+    if shares[r, c] > 0.5:
         name = cell_name(int(r), int(c))
         return "in the centre" if name == "centre" else f"in the {name}"
     halves = {

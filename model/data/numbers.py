@@ -84,6 +84,8 @@ def well_separated(values: list[float], min_gap: float = MIN_GAP) -> bool:
 
 #: Relative factors distractors are drawn from: none is closer than 20 % to 1 or to another factor.
 _FACTORS = (0.3, 0.45, 0.6, 0.75, 1.3, 1.6, 2.0, 2.5, 3.2)
+#: Tried after the shuffled ones, for values shown with few digits (0.1 %, 2 m²) where small factors collide.
+_MORE_FACTORS = (4.0, 5.0, 6.5, 8.0, 10.0, 0.2, 0.1)
 
 
 def numeric_distractors(value: float, fmt, rng: np.random.Generator, n: int = 3, upper: float | None = None,
@@ -98,10 +100,11 @@ def numeric_distractors(value: float, fmt, rng: np.random.Generator, n: int = 3,
     factors = list(_FACTORS)
     rng.shuffle(factors)
     candidates: list[float] = []
-    if value == 0:
+    base = value if integer else shown[0]  # scale from the value as displayed (0.0625% shows as 0.1%)
+    if base == 0:
         candidates = [1, 2, 3, 5, 8] if integer else [sig(x) for x in (0.5, 1.0, 2.0, 4.0, 8.0)]
     else:
-        candidates = [value * f for f in factors]
+        candidates = [base * f for f in factors] + [base * f for f in _MORE_FACTORS]
     if integer:
         base = round(value)
         extra = [base + d for d in (-3, -2, -1, 1, 2, 3, 4, 6)]

@@ -55,7 +55,7 @@ def footprint_lonlat(georef: Georef, shape: tuple[int, int]) -> shapely.Polygon:
 
     h, w = shape
     t = georef.transform
-    corners = [t * (0, 0), t * (w, 0), t * (w, h), t * (0, h)]
+    corners = [t @ (0, 0), t @ (w, 0), t @ (w, h), t @ (0, h)]
     if georef.crs_wkt is None:
         raise ValueError("a tile without a CRS has no footprint")
     tr = Transformer.from_crs(CRS.from_user_input(georef.crs_wkt), CRS.from_epsg(4326), always_xy=True)

@@ -1,0 +1,202 @@
+"""TerraScope-Bench: generation from held-back tiles, JSONL round trip, scoring, option extraction, parquet."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from model.bench import cli
+from model.bench import evaluate as E
+from model.bench.extract import extract_choice
+from model.bench.format import TASKS, BenchFormatError, read_bench, write_bench
+from model.bench.generate import generate
+from model.bench.official import check_columns, task_code
+from model.data import numbers as N
+from model.data.store import load_mask, load_tiles, read_georef, write_mask
+from worker import measure as M
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = REPO / "tests/fixtures/terrascope-official-tiny/checkpoint"
+
+
+@pytest.fixture(scope="module")
+def bench(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "val" / "bench.jsonl"
+    generate(built, "val", out, seed=0)
+    return out
+
+
+def test_bench_uses_only_held_back_real_tiles(bench: Path, built: Path) -> None:
+    items = read_bench(bench)
+    assert len(items) >= 20
+    assert {i.task for i in items} <= set(TASKS) and {"CA", "AQ", "COUNT", "CR", "BCE"} <= {i.task for i in items}
+    val = {t["id"] for t in load_tiles(built, "val") if t["origin"] in ("real", "edited")}
+    for it in items:
+        scene = it.id.split("/")[1]
+        assert scene in val, it.id
+        assert len(it.choices) == (2 if it.task in ("CR", "BRD") else 4)
+        assert it.answer in it.letters and it.gt_masks
+        texts = [N.option_text(c) for c in it.choices]
+        assert len(set(texts)) == len(texts)
+        if it.task in ("CA", "AQ", "DM", "COUNT", "BCE"):
+            assert N.well_separated([N.parse_number(t) for t in texts]), it.choices
+
+
+def test_bench_answers_match_their_masks(bench: Path) -> None:
+    for it in read_bench(bench):
+        right = N.option_text(it.choices[it.letters.index(it.answer)])
+        georef = read_georef(it.images[0].path)
+        gt = load_mask(it.gt_masks[0].path)
+        m = M.measure_mask(gt, georef)
+        if it.task == "CA":
+            assert right == N.fmt_pct(m.coverage_pct)
+        elif it.task == "AQ":
+            assert right == N.fmt_area(m.area_m2, right.split()[-1])
+        elif it.task == "COUNT":
+            assert right == str(m.count)
+        elif it.task == "BCE" and "%" not in right:
+            before, after = load_mask(it.gt_masks[0].path), load_mask(it.gt_masks[1].path)
+            assert right == str(M.change(before, after, georef).destroyed_count)
+
+
+def test_bench_jsonl_round_trip(bench: Path, tmp_path: Path) -> None:
+    items = read_bench(bench)
+    again = tmp_path / "copy" / "bench.jsonl"
+    shutil.copytree(bench.parent, again.parent)
+    write_bench(again, read_bench(again))
+    assert again.read_text() == bench.read_text()
+    lines = [json.loads(x) for x in bench.read_text().splitlines()]
+    assert all(not Path(im["path"]).is_absolute() for x in lines for im in x["images"])
+    assert [i.to_json(bench.parent) for i in items] == lines
+
+
+@pytest.mark.parametrize(("text", "letter"), [
+    ("<think>...</think><answer>B</answer>", "B"),
+    ("<think>x</think><answer> c) 12 ha</answer>", "C"),
+    ("<think>x</think><answer>The answer is D.</answer>", "D"),
+    ("<think>x</think><answer>Developed land</answer>", "D"),  # official pattern: no word boundary
+    ("<answer>option a</answer>", "A"),  # the official fallback is case-insensitive
+    ("B", "B"),
+    ("I think it is B", "I THINK IT IS B"),
+    ("", ""),
+])
+def test_option_extraction(text: str, letter: str) -> None:
+    assert extract_choice(text) == letter
+
+
+def _tiny_bench(tmp: Path) -> Path:
+    """Four hand-made questions with ground-truth masks; answers and IoUs are known in advance."""
+    img = tmp / "img.tif"
+    shutil.copyfile(REPO / "tests/data/fair_zanzibar/OAM-319295-270960-19.tif", img)
+    gt = np.zeros((8, 8), bool)
+    gt[:4] = True
+    write_mask(tmp / "gt.png", gt)
+    rows = []
+    for i, (task, n) in enumerate([("CA", 4), ("CA", 4), ("COUNT", 4), ("BRD", 2)]):
+        rows.append({"id": f"q{i}", "task": task, "images": [{"path": "img.tif", "role": "optical"}],
+                     "question": "?", "choices": [f"{L}. {k}" for k, L in enumerate("ABCD"[:n])], "answer": "B",
+                     "gt_masks": [{"path": "gt.png", "label": "x"}]})
+    (tmp / "bench.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    half = np.zeros((8, 8), bool)
+    half[:2] = True  # IoU 0.5 with gt
+    write_mask(tmp / "p_half.png", half)
+    write_mask(tmp / "p_full.png", gt)
+    rec = [
+        {"id": "q0", "grounding": True, "text": "<think>a [SEG]</think><answer>B</answer>",
+         "masks": [{"path": "p_full.png", "image": 0}]},                                    # right, IoU 1
+        {"id": "q1", "grounding": True, "text": "<answer>A. 0</answer>",
+         "masks": [{"path": "p_half.png", "image": 0}]},                                    # wrong, IoU 0.5
+        {"id": "q2", "grounding": True, "text": "<answer>the answer is B</answer>", "masks": []},  # right, IoU 0
+        {"id": "q3", "grounding": True, "text": "<answer>C</answer>",
+         "masks": [{"path": "p_half.png", "image": 0}, {"path": "p_full.png", "image": 0}]},  # wrong, IoU 1
+        {"id": "q0", "grounding": False, "text": "<answer>A</answer>", "masks": []},
+    ]
+    (tmp / "rec.jsonl").write_text("\n".join(json.dumps(r) for r in rec) + "\n")
+    return tmp / "bench.jsonl"
+
+
+def test_scoring_recorded_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _tiny_bench(tmp_path)
+    out = tmp_path / "report"
+    assert cli.main([str(path), "--recorded", str(tmp_path / "rec.jsonl"), "--json", "--ground", "--out",
+                     str(out)]) == 0
+    last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(last) == {"macro_accuracy", "per_task", "mean_iou", "n"}
+    assert last["n"] == 4
+    assert last["per_task"] == {"CA": 0.5, "BRD": 0.0, "COUNT": 1.0}
+    assert last["macro_accuracy"] == pytest.approx(0.5)
+    assert last["mean_iou"] == pytest.approx((1.0 + 0.5 + 0.0 + 1.0) / 4)
+    res = json.loads((out / "results.json").read_text())["runs"]["grounded"]
+    assert res["iou_correct"] == pytest.approx(0.5) and res["iou_incorrect"] == pytest.approx(0.75)
+    assert (out / "plot.png").stat().st_size > 10_000 and "| CA (coverage percentage) | 2 |" in \
+        (out / "report.md").read_text()
+
+
+def test_both_grounding_modes_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = _tiny_bench(tmp_path)
+    assert cli.main([str(path), "--recorded", str(tmp_path / "rec.jsonl"), "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "accuracy % (grounded)" in captured.err and "accuracy % (not grounded)" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["macro_accuracy"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"answer": "E"}, "not one of the choices"), ({"task": "XX"}, "is not one of"),
+    ({"choices": ["A. 1"]}, "2-4 strings"), ({"images": []}, "'images' is empty"),
+    ({"images": [{"path": "missing.tif"}]}, "not found"), ({"choices": ["B. 1", "A. 2"]}, "lettered A, B"),
+])
+def test_bad_bench_lines_are_named(tmp_path: Path, patch: dict, message: str) -> None:
+    path = _tiny_bench(tmp_path)
+    row = json.loads(path.read_text().splitlines()[0]) | patch
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(BenchFormatError, match=message):
+        read_bench(path)
+
+
+def test_official_layout_checks() -> None:
+    check_columns(["image", "task_type", "question", "candidates", "answer", "extra"])
+    with pytest.raises(BenchFormatError, match=r"missing column\(s\) \['candidates'\]"):
+        check_columns(["image", "task_type", "question", "options", "answer"])
+    assert task_code("coverage_percentage") == "CA" and task_code("boundary_detection") == "BRD"
+    assert task_code("distance_measurement") == "DM" and task_code("building_change_estimation") == "BCE"
+    with pytest.raises(BenchFormatError, match="unknown official task_type"):
+        task_code("scene_classification")
+
+
+def test_official_parquet_is_read(tmp_path: Path) -> None:
+    pa = pytest.importorskip("pyarrow")
+    import io
+
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 16, 3), 90, np.uint8)).save(buf, format="PNG")
+    table = pa.table({"image": [{"bytes": buf.getvalue(), "path": "x.png"}], "task_type": ["coverage_percentage"],
+                      "question": ["What share is water?"],
+                      "candidates": [json.dumps({"A": "58%", "B": "80%", "C": "68%", "D": "65%"})], "answer": ["A"]})
+    pq.write_table(table, tmp_path / "b.parquet")
+    from model.bench.official import read_official
+
+    (item,) = read_official(tmp_path / "b.parquet", tmp_path / "img")
+    assert item.task == "CA" and item.choices[0] == "A. 58%" and item.answer == "A" and item.images[0].path.is_file()
+    pq.write_table(table.rename_columns(["img", "task_type", "question", "candidates", "answer"]), tmp_path / "c.parquet")
+    with pytest.raises(BenchFormatError, match="missing column"):
+        read_official(tmp_path / "c.parquet", tmp_path / "img2")
+
+
+def test_questions_go_through_the_real_worker(bench: Path) -> None:
+    """End to end with the official tiny random checkpoint: the ask path runs and returns a scored answer."""
+    item = next(i for i in read_bench(bench) if i.task == "CA")
+    ans = E.WorkerAnswerer(str(TINY), [item.images[0].path.parent], device="cpu", max_new_tokens=6)
+    try:
+        raw = ans.answer(item, grounding=True, injection="box")
+    finally:
+        ans.close()
+    assert raw.error is None and raw.text
+    pred = E.score(item, raw, True, "box")
+    assert pred.choice == extract_choice(raw.text) and pred.iou is not None
