@@ -62,7 +62,7 @@ class _Printer:
     def __call__(self, ev: dict, arrays: dict) -> None:
         name = ev.get("event")
         if name == "token" and self.stream is not None:
-            self.stream.write(ev.get("text", ""))
+            self.stream.write(ev.get("text", "").replace("<REGION>", ""))  # injected region tokens: noise here
             self.stream.flush()
         elif name == "mask":
             self.masks.append((ev, arrays["mask"]))

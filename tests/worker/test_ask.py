@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
 import time
 
 import numpy as np
 import pytest
-from workerlib import GT10, UTM33, RawDealer, long_ask, raster, small_ask, start_worker
+from workerlib import GT10, REPO, UTM33, RawDealer, long_ask, raster, small_ask, start_worker
 
 from qgis_plugin import protocol as P
 from qgis_plugin.client import WorkerClient, WorkerError, WorkerUnavailable
 
+QGIS_PY = REPO / ".venv-qgis" / "bin" / "python"
 #: Teacher-forced start of the reply: the random-weight fixture never emits [SEG] on its own.
 TWO_SEGS = "<think>The bright square [SEG] and the background [SEG] are"
 
@@ -269,3 +272,45 @@ def test_killed_worker_is_detected_within_5_s(doomed_worker) -> None:
     detected = time.monotonic() - killed_at[0]
     assert detected < 5.0, detected
     assert "crash" in str(e.value) or "stopped" in str(e.value)
+
+
+QGIS_CLIENT = r"""
+import json, sys
+import numpy as np
+from qgis_plugin import protocol as P
+from qgis_plugin.client import WorkerClient, WorkerError
+endpoint, prefix = sys.argv[1], sys.argv[2]
+rng = np.random.default_rng(0)
+img = rng.integers(0, 255, size=(3, 40, 40), dtype=np.uint8)
+header, arrays = P.build_ask("Where is it?", [P.RasterPayload(img, [500000.0, 10.0, 0.0, 4649000.0, 0.0, -10.0],
+                                                              "EPSG:32633")], settings={"max_new_tokens": 60})
+header["forced_prefix"] = prefix
+events, masks = [], []
+def on_event(ev, arr):
+    events.append(ev["event"])
+    if ev["event"] == "mask":
+        masks.append([list(arr["mask"].shape), str(arr["mask"].dtype), ev["measurements"]["area_ha"]])
+with WorkerClient(endpoint) as c:
+    pong = c.ping()
+    done = c.ask(header, arrays, on_event=on_event)
+    try:
+        c.ask(dict(header, question=""), arrays)
+    except WorkerError as e:
+        code = e.code
+print(json.dumps({"numpy": np.__version__, "events": events, "masks": masks, "code": code,
+                  "answer": done["answer"], "pid": pong["pid"]}))
+"""
+
+
+@pytest.mark.skipif(not QGIS_PY.exists(), reason="QGIS venv (.venv-qgis) not created: run `make deps`")
+def test_qgis_python_client_talks_to_the_worker(worker) -> None:
+    """The plugin's side (QGIS's Python: numpy 1.24, pyzmq 24) against the worker (numpy 2, pyzmq 27)."""
+    proc = subprocess.run([str(QGIS_PY), "-c", QGIS_CLIENT, worker.endpoint, "<think>It [SEG] is"],
+                          capture_output=True, text=True, timeout=120, check=False, cwd=REPO,
+                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert out["numpy"].startswith("1.") and out["pid"] == worker.proc.pid
+    assert out["events"][0] == "accepted" and out["events"][-1] == "done" and "mask" in out["events"]
+    assert out["masks"][0][:2] == [[40, 40], "uint8"] and out["masks"][0][2] >= 0
+    assert out["code"] == P.BAD_FIELD
