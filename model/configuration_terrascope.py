@@ -296,18 +296,20 @@ PRESET_8B: dict[str, Any] = {
 #: consistent with the tokenizer trained for it (vocab_size) and the 448/14 tiling (256 tokens per tile).
 PRESET_MINI: dict[str, Any] = {
     "name": "terrascope-mini",
-    "vision": {"hidden_size": 192, "num_hidden_layers": 8, "num_attention_heads": 3,
+    "vision": {"hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 3,
                "intermediate_size": 768},
-    "llm": {"vocab_size": 6144, "hidden_size": 320, "num_hidden_layers": 5, "num_attention_heads": 5,
+    "llm": {"vocab_size": 4096, "hidden_size": 320, "num_hidden_layers": 5, "num_attention_heads": 5,
             "num_key_value_heads": 1, "intermediate_size": 864, "tie_word_embeddings": True,
             "max_position_embeddings": 8192},
-    "sam2": {"hiera_embed_dim": 24, "hiera_num_heads": 1, "hiera_stages": [1, 1, 2, 1],
-             "hiera_global_att_blocks": [3], "hiera_window_spec": [8, 4, 8, 8],
-             "hiera_window_pos_embed_bkg": [7, 7], "hidden_dim": 64, "decoder_mlp_dim": 256,
-             "decoder_num_heads": 4, "iou_head_hidden_dim": 64, "mem_dim": 16},
+    # SAM-2 at 512 px (not 1024): 4x fewer encoder tokens on a laptop CPU, and the embedded model's
+    # tiles are 256-512 px anyway; the budget saved goes into a wider Hiera for building outlines.
+    "sam2": {"image_size": 512, "hiera_embed_dim": 32, "hiera_num_heads": 1, "hiera_stages": [1, 2, 4, 1],
+             "hiera_global_att_blocks": [6], "hiera_window_spec": [8, 4, 8, 8],
+             "hiera_window_pos_embed_bkg": [7, 7], "hidden_dim": 96, "decoder_mlp_dim": 384,
+             "decoder_num_heads": 4, "iou_head_hidden_dim": 96, "mem_dim": 16},
     "template": "terrascope",
     "compat": "native",
-    "max_tokens_per_seg": 128,
+    "max_tokens_per_seg": 64,
     "suppress_no_object": True,
     "format": "terrascope-native",
 }

@@ -24,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--time-budget-s", type=float, help="wall-clock budget shared by the stages' time_fraction")
     ap.add_argument("--max-steps", type=int, help="cap every stage at this many optimiser steps")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last.pt if present")
+    ap.add_argument("--stop-after-steps", type=int,
+                    help="checkpoint and stop after N optimiser steps in all (resume later; schedule unchanged)")
     ap.add_argument("--seed", type=int, help="override the config's seed")
     ap.add_argument("--limit-records", type=int, help="use only the first N records (smoke tests)")
     ap.add_argument("--no-progress", action="store_true", help="log lines instead of a progress bar")
@@ -48,12 +50,15 @@ def main(argv: list[str] | None = None) -> int:
 
     opts = RunOptions(out=Path(cfg.out), device=a.device, time_budget_s=a.time_budget_s, max_steps=a.max_steps,
                       resume=a.resume, save_dir=Path(a.save_dir) if a.save_dir else None,
-                      progress=not a.no_progress, limit_records=a.limit_records)
+                      progress=not a.no_progress, limit_records=a.limit_records,
+                      stop_after_steps=a.stop_after_steps)
     try:
         res = run(cfg, opts)
     except (DataError, ConfigError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if res.save_dir is None and a.stop_after_steps is not None:
+        return 0
     print(f"[train] done: {res.global_step} steps, {res.samples} samples in {res.seconds:.0f}s; "
           f"model: {res.save_dir}", flush=True)
     return 0

@@ -73,6 +73,7 @@ class TrainConfig:
     log_every: int = 10
     ckpt_every_s: float = 120.0  # checkpoint at least this often (wall clock)
     num_workers: int = 2
+    val_limit: int = 64  # held-back records scored (teacher-forced loss, GT-prompt IoU) after each stage
     splits: list[str] = field(default_factory=lambda: ["train"])
 
     @property

@@ -19,12 +19,13 @@ import torch.distributed as dist
 from torch import nn
 
 from model.configuration_terrascope import PRESETS, TerraScopeConfig
-from model.loading import load_model, save_native
+from model.loading import load_model
 from model.modeling_terrascope import TerraScopeModel
 from model.prompting import TokenizerWrapper
 
 from .config import StageConfig, TrainConfig
 from .data import Example, ExampleBuilder, load_records
+from .export import export
 from .params import add_lora, group_of, merge_lora, set_trainable, trainable_summary
 from .step import Banks, TrainingForward, collate
 from .trainlog import LossLog, plot_log
@@ -119,7 +120,19 @@ def build_model(cfg: TrainConfig, tok: TokenizerWrapper, d: Dist) -> TerraScopeM
     seed_all(cfg.seed)
     with torch.device(d.device):
         model = TerraScopeModel(mcfg)  # transformers' own initialisation (from scratch)
+    fan_in_init(model.grounding_encoder)
     return model
+
+
+def fan_in_init(module: nn.Module) -> None:
+    """PyTorch's default fan-in init for SAM-2's convolutions and linear layers (as the SAM-2 code has).
+
+    transformers initialises every layer with N(0, 0.02); through the norm-free FPN neck and the mask
+    decoder's upscaling that leaves mask logits near 1e-6 at the start, and their gradients vanish.
+    """
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            m.reset_parameters()
 
 
 # ---- sampling ------------------------------------------------------------------------------------------------------
@@ -191,7 +204,9 @@ def save_checkpoint(path: Path, model: TerraScopeModel, trained: set[str], opt: 
                     stage_idx: int, step: int, global_step: int, stage_elapsed: float, sampler: StageSampler,
                     rng: np.random.Generator) -> None:
     """Weights of every parameter trained so far (LoRA included), optimiser, counters and RNG states."""
-    state = {n: t.detach().cpu() for n, t in model.state_dict().items() if n in trained or "lora_" in n}
+    # while LoRA is applied, a trained base weight is named "...q_proj.base_layer.weight"
+    state = {n: t.detach().cpu() for n, t in model.state_dict().items()
+             if n.replace(".base_layer.", ".") in trained or "lora_" in n}
     _atomic_save({"model": state, "optim": opt.state_dict(), "stage": stage_idx, "step": step,
                   "global_step": global_step, "stage_elapsed": stage_elapsed,
                   "sampler": json.dumps(sampler.state()), "rng": json.dumps(rng.bit_generator.state),
@@ -212,8 +227,8 @@ class RunOptions:
     resume: bool = False
     save_dir: Path | None = None
     progress: bool = True
-    val_examples: int = 64
     limit_records: int | None = None
+    stop_after_steps: int | None = None  # checkpoint and stop after this many global steps (resume later)
 
 
 @dataclass
@@ -261,7 +276,7 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
     if not examples:
         raise ValueError(f"{cfg.data}: no usable training records ({len(errors)} errors, first: "
                          f"{errors[0] if errors else 'none'})")
-    val_records = load_records(cfg.data, ("val",), kinds)[: opts.val_examples]
+    val_records = load_records(cfg.data, ("val",), kinds)[: cfg.val_limit] if cfg.val_limit else []
     val_examples, _ = builder.build_all(val_records)
     banks = Banks(examples + val_examples, d.device)
     if d.main:
@@ -396,10 +411,20 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
                           f" iou {last.get('mask_iou', float('nan')):.3f} {row['samples_per_s']:.1f} samples/s",
                           flush=True)
                 acc, t_log, samples_log = {}, now, 0
-            if d.main and time.time() - t_ckpt >= cfg.ckpt_every_s:
+            stop_now = opts.stop_after_steps is not None and global_step >= opts.stop_after_steps
+            if d.main and (stop_now or time.time() - t_ckpt >= cfg.ckpt_every_s):
                 save_checkpoint(ckpt_path, model, trained, opt, si, step, global_step, time.time() - t_stage,
                                 sampler, rng)
                 t_ckpt = time.time()
+            if stop_now:
+                if bar is not None:
+                    bar.close()
+                if d.enabled:
+                    dist.barrier()
+                    dist.destroy_process_group()
+                if d.main:
+                    print(f"[train] stopped after {global_step} steps; continue with --resume", flush=True)
+                return RunResult(global_step, samples_total, time.time() - t_run, last, None, summaries)
         if bar is not None:
             bar.close()
         summary = {"stage": stage.name, "steps": step, "seconds": round(time.time() - t_stage, 1), **last}
@@ -453,12 +478,3 @@ def evaluate(fwd: TrainingForward, examples: list[Example], builder: ExampleBuil
         n += len(exs)
     fwd.train(was)
     return {k: v / n for k, v in sums.items()}
-
-
-def export(model: TerraScopeModel, folder: Path, tokenizer_dir: Path, dtype: str = "bf16") -> Path:
-    """The native folder (config, safetensors in ``dtype``, tokenizer) that ``TerraScope.load`` reads."""
-    target = torch.bfloat16 if dtype == "bf16" else torch.float32
-    small = sum(p.numel() for p in model.parameters()) < 200_000_000
-    m = copy.deepcopy(model) if small else model  # the 8B is cast in place (no second copy in memory)
-    m.to(device="cpu" if small else next(model.parameters()).device, dtype=target)
-    return save_native(m, folder, tokenizer_dir)

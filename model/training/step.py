@@ -199,7 +199,8 @@ class TrainingForward(nn.Module):
         self.seg_weight = 0.5
         self.aux_weight = 0.5
 
-    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(flat visual tokens [N, H], last-layer hidden states [B, L, H]) for a batch."""
         m = self.model
         lm_model = m.language_model
         # 1. visual tokens of every tile of every sample (ViT + pixel shuffle + mlp1)
@@ -210,17 +211,22 @@ class TrainingForward(nn.Module):
         emb = lm_model.get_input_embeddings()(batch.ids)
         emb = emb.index_put((batch.img_b, batch.img_pos), flat[batch.img_src].to(emb.dtype))
         if batch.reg_b.numel():
-            src = batch.reg_src
-            if batch.pairs:
-                src = self._pair_sources(flat, batch, emb.dtype)
+            src = self._pair_sources(flat, batch) if batch.pairs else batch.reg_src
             emb = emb.index_put((batch.reg_b, batch.reg_pos), flat[src].to(emb.dtype))
-        # 3. decoder; logits only where there is a target (saves a [B, L, V] tensor)
+        # 3. the decoder over the whole teacher-forced sequence (right padding: no mask needed)
         pos = torch.arange(batch.ids.shape[1], device=emb.device)[None].expand(batch.ids.shape[0], -1)
         hidden = lm_model.model(inputs_embeds=emb, position_ids=pos, use_cache=False).last_hidden_state
+        return flat, hidden
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        m = self.model
+        lm_model = m.language_model
+        flat, hidden = self.encode(batch)
+        # logits only where there is a target (saves a [B, L, V] tensor)
         sel = batch.labels != IGNORE_INDEX
         logits = lm_model.lm_head(hidden[sel])
         lm, n_tok = lm_loss(logits, batch.labels[sel])
-        out = {"lm_loss": lm, "n_tokens": torch.tensor(float(n_tok), device=emb.device)}
+        out = {"lm_loss": lm, "n_tokens": torch.tensor(float(n_tok), device=hidden.device)}
         # 4. masks from each [SEG] hidden state
         if batch.seg_b.numel():
             seg_h = hidden[batch.seg_b, batch.seg_pos]
@@ -260,7 +266,7 @@ class TrainingForward(nn.Module):
         return out
 
     @torch.no_grad()
-    def _pair_sources(self, flat: torch.Tensor, batch: Batch, dtype: torch.dtype) -> torch.Tensor:
+    def _pair_sources(self, flat: torch.Tensor, batch: Batch) -> torch.Tensor:
         """Optical or SAR row per region token by text relevance (paper Eq. 4-5), as the runtime picks."""
         src = batch.reg_src.clone()
         emb = self.model.language_model.get_input_embeddings()

@@ -102,7 +102,7 @@ def write_config(path: Path, data: Path, out: Path, **stage_over) -> Path:
     stage2.update(stage_over)
     cfg = {"name": "tiny", "model": {"preset": "terrascope-mini", "overrides": TINY_MODEL},
            "tokenizer": {"vocab_size": 400, "min_frequency": 1}, "data": str(data), "out": str(out),
-           "stages": [stage1, stage2], "seed": 0, "log_every": 1, "max_seq_len": 512, "num_workers": 1}
+           "stages": [stage1, stage2], "seed": 0, "log_every": 1, "max_seq_len": 512, "num_workers": 1, "val_limit": 4}
     path.write_text(json.dumps(cfg))
     return path
 

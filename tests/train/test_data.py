@@ -1,0 +1,166 @@
+"""Training sequences are built the way the runtime builds them, and the LM loss skips injected inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from model import generation
+from model.configuration_terrascope import preset_config
+from model.loading import random_model
+from model.prompting import TokenizerWrapper
+from model.tokenizer_train import corpus_texts, save_tokenizer, train_tokenizer
+from model.training.data import ExampleBuilder, jitter_span, load_records, strip_letter
+from model.training.losses import IGNORE_INDEX
+from model.training.step import Banks, TrainingForward, collate, decode_all
+from model.types import ImageInput
+
+from .conftest import TINY_MODEL
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_data, tmp_path_factory):
+    tok_dir = tmp_path_factory.mktemp("tok")
+    save_tokenizer(train_tokenizer(corpus_texts([tiny_data]), 400, 1), tok_dir)
+    tok = TokenizerWrapper(tok_dir)
+    cfg = preset_config("terrascope-mini", **{k: v for k, v in TINY_MODEL.items()
+                                                if k not in ("vision", "llm", "sam2")})
+    data = {**cfg.to_dict(), **{k: {**cfg.to_dict()[k], **TINY_MODEL[k]} for k in ("vision", "llm", "sam2")}}
+    data["llm"]["vocab_size"] = 448
+    cfg = type(cfg).from_dict(data)
+    model = random_model(cfg, "cpu", torch.float32, seed=0)
+    records = load_records(tiny_data, ("train", "val"))
+    builder = ExampleBuilder(cfg, tok, 1024)
+    examples, errors = builder.build_all(records)
+    assert not errors
+    return tok, model, builder, examples, records
+
+
+def _by_id(examples, rid):
+    return next(e for e in examples if e.id == rid)
+
+
+def test_images_and_prompt_match_the_runtime(setup):
+    tok, model, _, examples, records = setup
+    gen = generation.Generator(model, tok)
+    for rid in ("ca0", "bce0", "sar0"):
+        ex = _by_id(examples, rid)
+        rec = next(r for r in records if r["id"] == rid)
+        from model.training.data import read_image
+
+        ims = [ImageInput(read_image(__import__("pathlib").Path(rec["_base"]) / im["path"]), im["role"])
+               for im in rec["images"]]
+        ctx = generation.prepare_images(model, ims)
+        assert ctx.kind == ex.images.kind
+        assert ctx.roles == ex.images.roles
+        assert ctx.token_counts == ex.images.token_counts and ctx.offsets == ex.images.offsets
+        assert [(lay.cols, lay.rows, lay.thumbnail) for lay in ctx.layouts] == \
+               [(lay.cols, lay.rows, lay.thumbnail) for lay in ex.images.layouts]
+        options = [strip_letter(c) for c in rec["choices"]] if rec.get("choices") else None
+        assert gen.prompt_ids(ctx, rec["question"], options) == ex.prompt_ids
+
+
+def test_labels_skip_prompt_regions_and_grounding(setup):
+    tok, _, builder, examples, _ = setup
+    ex = _by_id(examples, "ca0")
+    assert ex.segs[0].local, "the building mask must select region tokens"
+    seq = builder.sequence(ex, True, 0.0, np.random.default_rng(0))
+    ids, labels = seq["ids"], seq["labels"]
+    sp = tok.special_ids()
+    span_ids = tok.encode(ex.segs[0].grounding)
+    seg_at = seq["seg_pos"][0]
+    k = len(ex.segs[0].local)
+    assert ids[seg_at] == sp["seg"]
+    assert ids[seg_at + 1:seg_at + 1 + k] == [sp["region"]] * k
+    assert ids[seg_at + 1 + k:seg_at + 1 + k + len(span_ids)] == span_ids
+    # positions that would predict the prompt, a region token or a span token are ignored
+    n_prompt = len(ex.prompt_ids)
+    assert all(lab == IGNORE_INDEX for lab in labels[:n_prompt - 1])
+    assert all(labels[p - 1] == IGNORE_INDEX for p in seq["region_pos"])
+    span_start = seg_at + 1 + k
+    assert all(labels[p - 1] == IGNORE_INDEX for p in range(span_start, span_start + len(span_ids)))
+    # the [SEG] itself is a target, and after the span the trace continues as a target
+    assert labels[seg_at - 1] == sp["seg"]
+    assert labels[span_start + len(span_ids) - 1] == ids[span_start + len(span_ids)]
+    # every target token is exactly the text pieces + [SEG] + <|im_end|>
+    n_targets = sum(lab != IGNORE_INDEX for lab in labels)
+    assert n_targets == sum(map(len, ex.pieces)) + ex.n_seg
+    assert labels[-2] == sp["eos"] and labels[-1] == IGNORE_INDEX
+    # without grounding the span is absent and the targets are unchanged
+    seq2 = builder.sequence(ex, False, 0.0, np.random.default_rng(0))
+    assert len(seq2["ids"]) == len(ids) - len(span_ids)
+    assert [t for t in seq2["labels"] if t != IGNORE_INDEX] == [t for t in labels if t != IGNORE_INDEX]
+
+
+def test_lm_loss_ignores_injected_tokens(setup):
+    _, model, builder, examples, _ = setup
+    exs = [_by_id(examples, r) for r in ("ca0", "bce0", "res1")]
+    banks = Banks(examples, torch.device("cpu"))
+    fwd = TrainingForward(model, banks).eval()
+    batch = collate(exs, banks, builder, [True] * 3, 0.0, np.random.default_rng(0), pad_id=0)
+    with torch.no_grad():
+        base = fwd(batch)
+        # the ids at region positions never matter: their embeddings are the visual tokens
+        batch.ids[batch.reg_b, batch.reg_pos] = torch.randint(0, 300, (batch.reg_b.numel(),))
+        same = fwd(batch)
+        assert torch.equal(base["lm_loss"], same["lm_loss"])
+        # the loss is the mean CE over exactly the target tokens
+        _, hidden = fwd.encode(batch)
+        logits = model.language_model.lm_head(hidden)
+        mask = batch.labels != IGNORE_INDEX
+        manual = torch.nn.functional.cross_entropy(logits[mask], batch.labels[mask])
+        assert torch.allclose(manual, base["lm_loss"], atol=1e-6)
+        assert int(base["n_tokens"]) == int(mask.sum())
+        n_region = batch.reg_b.numel()
+        assert n_region > 0 and not bool(mask[batch.reg_b, batch.reg_pos - 1].any())
+
+
+def test_training_forward_matches_runtime_at_the_first_seg(setup):
+    """Same prefix -> same [SEG] hidden state and the same SAM-2 mask logits as the generator."""
+    tok, model, builder, examples, records = setup
+    ex = _by_id(examples, "ca0")
+    rec = next(r for r in records if r["id"] == "ca0")
+    banks = Banks(examples, torch.device("cpu"))
+    fwd = TrainingForward(model, banks).eval()
+    batch = collate([ex], banks, builder, [False], 0.0, np.random.default_rng(0), pad_id=0)
+    from pathlib import Path
+
+    from model.api import TerraScope
+    from model.training.data import read_image
+
+    ts = TerraScope(model, tok, "test")
+    prefix = rec["target"].split("[SEG]")[0] + "[SEG]"
+    trace = generation.GenerationTrace()
+    img = read_image(Path(rec["_base"]) / rec["images"][0]["path"])
+    options = [strip_letter(c) for c in rec["choices"]]
+    from model.types import GenerationSettings
+
+    ts.answer([ImageInput(img)], rec["question"], options, forced_prefix=prefix, trace=trace,
+              settings=GenerationSettings(max_new_tokens=len(tok.encode(prefix)) + 1, max_seg=1))
+    with torch.no_grad():
+        _, hidden = fwd.encode(batch)
+        seg_h = hidden[batch.seg_b, batch.seg_pos]
+        assert torch.allclose(seg_h[0], trace.segs[0]["hidden"][0], atol=1e-4)
+        prompt = model.text_hidden_fcs(seg_h)
+        from model.training.step import SAM2_MEAN, SAM2_STD, Sam2Features, _normalize
+
+        feats = model.sam2_encode(_normalize(banks.sam[batch.sam_rows], SAM2_MEAN, SAM2_STD))
+        per = Sam2Features([e[batch.seg_frame] for e in feats.image_embeddings], feats.image_pe)
+        low, iou, _ = decode_all(model, per, prompt)
+    best = int(iou[0].argmax())
+    assert torch.allclose(low[0, best], trace.segs[0]["low_res"][0, 0], atol=1e-3)
+    assert torch.allclose(iou[0], trace.segs[0]["iou"][0], atol=1e-5)
+
+
+def test_jitter_span_scales_numbers():
+    rng = np.random.default_rng(1)
+    span = " [area 12.31 ha, 4.2% of valid area, 7 objects]"
+    assert jitter_span(span, 0.0, rng) == span
+    out = jitter_span(span, 0.2, rng)
+    import re
+
+    a, p, n = (float(x) for x in re.findall(r"\d+(?:\.\d+)?", out))
+    assert out != span and 12.31 * 0.8 <= a <= 12.31 * 1.2 and 4.2 * 0.79 <= p <= 4.2 * 1.21
+    assert abs(a / 12.31 - p / 4.2) < 0.03  # area and share move together
+    assert 5 <= n <= 9 and out.count(".") == span.count(".")
