@@ -227,13 +227,19 @@ def decode_header(raw: Any, limits: Limits = Limits()) -> dict[str, Any]:
         raise ProtocolError(BAD_JSON, f"header must be a JSON object, not {type(header).__name__}")
     if _depth(header, limits.max_json_depth) > limits.max_json_depth:
         raise ProtocolError(BAD_JSON, f"header JSON is nested deeper than {limits.max_json_depth}")
-    if "\\ud" in text or "\\uD" in text:  # JSON escapes can smuggle in lone surrogates, which
-        try:  # no reply (nor any UTF-8 text) could echo back: refuse them here
-            json.dumps(header, ensure_ascii=False).encode("utf-8")
-        except UnicodeEncodeError:
-            raise ProtocolError(BAD_JSON, "header holds a lone surrogate escape (e.g. \\ud800): not valid Unicode") from None
     rid = header.get("id")
     rid = rid if isinstance(rid, str) and len(rid) <= 128 else None
+    if "\\ud" in text or "\\uD" in text:  # JSON escapes can smuggle in lone surrogates: refuse them
+        try:
+            json.dumps(header, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            try:
+                rid = rid if rid is None else (rid.encode("utf-8") and rid)
+            except UnicodeEncodeError:
+                rid = None  # an id that is itself not valid text is not echoed back
+            raise ProtocolError(
+                BAD_JSON, "the request holds text that is not valid Unicode (a lone surrogate such as \\ud800)", rid
+            ) from None
     if "protocol" not in header:
         raise ProtocolError(MISSING_FIELD, "header has no 'protocol' field", rid)
     version = header["protocol"]
