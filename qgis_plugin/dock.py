@@ -8,7 +8,6 @@ from qgis.core import (
     QgsApplication,
     QgsMapLayerProxyModel,
     QgsProject,
-    QgsRasterDataProvider,
     QgsRasterLayer,
     QgsTask,
 )
@@ -52,6 +51,7 @@ from .region import (
     selected_polygon_region,
 )
 from .settings import PluginSettings, SettingsError
+from .web_render import RenderRequest, WebRenderer, is_web_layer
 from .worker_manager import BUSY, CONNECTED, FAILED, STARTING, UNREACHABLE, WorkerManager, make_client
 
 EXAMPLES = [
@@ -112,6 +112,7 @@ class AskDock(QgsDockWidget):
         self.current: AskRecord | None = None
         self._drawn: Region | None = None
         self._map_tool: QgsMapToolExtent | None = None
+        self._renderer: WebRenderer | None = None
         self._build()
         manager.statusChanged.connect(self.show_status)
         manager.workerDied.connect(self._on_worker_died)
@@ -408,19 +409,27 @@ class AskDock(QgsDockWidget):
             return selected_polygon_region(self.polygon_combo.currentLayer())
         return Region(WHOLE)
 
-    def _sources(self, region: Region) -> list[SourceSpec]:
-        sources = []
+    def _sources(self, region: Region, max_side: int) -> tuple[list[SourceSpec], list[RenderRequest]]:
+        """Provider clones to read in the task, and web layers to render first (on the canvas grid)."""
+        sources, renders = [], []
+        canvas = self.iface.mapCanvas()
         for layer, role in self._layers():
             if not layer.isValid():
                 raise ValueError(f"Layer '{layer.name()}' is not valid.")
-            provider = layer.dataProvider()
-            if not provider.capabilities() & QgsRasterDataProvider.Size:
-                raise ValueError(f"Layer '{layer.name()}' is a web map; save it as a GeoTIFF first "
-                                 "(Export ▸ Save As… at the resolution you need).")
+            if is_web_layer(layer):
+                if region.kind == WHOLE:
+                    raise RegionError(f"Layer '{layer.name()}' is a web map: pick the map extent, a rectangle or "
+                                      "a polygon as the region.")
+                crs = canvas.mapSettings().destinationCrs()
+                rect, geom = region.in_crs(crs)
+                renders.append(RenderRequest(len(sources), layer, rect, crs, canvas.mapUnitsPerPixel(), max_side,
+                                             role))
+                sources.append(SourceSpec(name=layer.name(), role=role, region_geometry=geom))
+                continue
             rect, geom = region.for_layer(layer)
-            sources.append(SourceSpec(name=layer.name(), role=role, provider=provider.clone(), region=rect,
-                                      region_geometry=geom))
-        return sources
+            sources.append(SourceSpec(name=layer.name(), role=role, provider=layer.dataProvider().clone(),
+                                      region=rect, region_geometry=geom))
+        return sources, renders
 
     def ask(self) -> AskTask | None:
         """Start a question from the widgets; returns the task (None when the input was refused)."""
@@ -436,7 +445,7 @@ class AskDock(QgsDockWidget):
             options = [line.strip() for line in self.options_edit.toPlainText().splitlines() if line.strip()]
             if len(options) == 1:
                 raise ValueError("Give at least two options, or none.")
-            sources = self._sources(self._region())
+            sources, renders = self._sources(self._region(), settings.max_side)
             wait = self._ensure_worker(settings)
         except (ValueError, RegionError, SettingsError) as exc:
             self.show_banner(str(exc), offer_restart=False)
@@ -458,8 +467,31 @@ class AskDock(QgsDockWidget):
         task.taskTerminated.connect(lambda t=task: self._on_finished(t))
         self.task = task
         self._set_running(True)
-        QgsApplication.taskManager().addTask(task)
+        if renders:
+            self.progress.setFormat("Rendering web layers…")
+            self._renderer = WebRenderer(renders, self)
+            self._renderer.finished.connect(lambda windows, t=task: self._rendered(t, windows))
+            self._renderer.failed.connect(lambda message, t=task: self._render_failed(t, message))
+            self._renderer.start()
+        else:
+            QgsApplication.taskManager().addTask(task)
         return task
+
+    def _rendered(self, task: AskTask, windows: dict) -> None:
+        self._renderer = None
+        if self.task is not task:
+            return
+        for index, window in windows.items():
+            task.spec.sources[index].window = window
+        QgsApplication.taskManager().addTask(task)
+
+    def _render_failed(self, task: AskTask, message: str) -> None:
+        self._renderer = None
+        if self.task is task:
+            self.task = None
+            task.record.error = one_line(message)
+            self.show_banner(message, offer_restart=False)
+            self._finish_record(task.record, failed=True)
 
     def _ensure_worker(self, settings: PluginSettings) -> float:
         """Auto-start a local worker when none answers; returns how long the task may wait for it."""
@@ -474,6 +506,13 @@ class AskDock(QgsDockWidget):
         return 0.0
 
     def cancel(self) -> None:
+        if self._renderer is not None and self.task is not None:  # still rendering: nothing was sent yet
+            self._renderer.cancel()
+            self._renderer = None
+            task, self.task = self.task, None
+            task.record.error = "Cancelled."
+            self._finish_record(task.record, failed=True)
+            return
         if self.task is not None:
             self.progress.setFormat("Cancelling…")
             self.task.cancel()

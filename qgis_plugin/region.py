@@ -43,23 +43,37 @@ class Region:
         if self.rect is None or self.rect.isEmpty():
             raise RegionError("Draw a rectangle on the map first." if self.kind == RECTANGLE
                               else "The region is empty.")
-        src = self.crs or layer.crs()
-        if not src.isValid() or not layer.crs().isValid() or src == layer.crs():
-            rect, geom = QgsRectangle(self.rect), QgsGeometry(self.geometry) if self.geometry else None
-        else:
-            try:
-                xform = QgsCoordinateTransform(src, layer.crs(), project)
-                rect = xform.transformBoundingBox(self.rect)
-                geom = None
-                if self.geometry is not None:
-                    geom = QgsGeometry(self.geometry)
-                    geom.transform(xform)
-                    rect = geom.boundingBox()
-            except QgsCsException as exc:
-                raise RegionError(f"The region cannot be projected to the CRS of '{layer.name()}': {exc}") from None
+        try:
+            rect, geom = _transform(self.rect, self.geometry, self.crs or layer.crs(), layer.crs(), project)
+        except QgsCsException as exc:
+            raise RegionError(f"The region cannot be projected to the CRS of '{layer.name()}': {exc}") from None
         if not rect.intersects(layer.extent()):
             raise RegionError(f"The region does not overlap layer '{layer.name()}'.")
         return rect, geom
+
+    def in_crs(self, crs: QgsCoordinateReferenceSystem, project: QgsProject | None = None
+               ) -> tuple[QgsRectangle, QgsGeometry | None]:
+        """(rectangle, polygon or None) in `crs` (where a web layer is rendered)."""
+        if self.rect is None or self.rect.isEmpty():
+            raise RegionError("The region is empty.")
+        try:
+            return _transform(self.rect, self.geometry, self.crs or crs, crs, project or QgsProject.instance())
+        except QgsCsException as exc:
+            raise RegionError(f"The region cannot be projected to the map's CRS: {exc}") from None
+
+
+def _transform(rect: QgsRectangle, geom: QgsGeometry | None, src: QgsCoordinateReferenceSystem,
+               dst: QgsCoordinateReferenceSystem, project: QgsProject) -> tuple[QgsRectangle, QgsGeometry | None]:
+    if not src.isValid() or not dst.isValid() or src == dst:
+        return QgsRectangle(rect), (QgsGeometry(geom) if geom is not None else None)
+    xform = QgsCoordinateTransform(src, dst, project)
+    out_rect = xform.transformBoundingBox(rect)
+    out_geom = None
+    if geom is not None:
+        out_geom = QgsGeometry(geom)
+        out_geom.transform(xform)
+        out_rect = out_geom.boundingBox()
+    return out_rect, out_geom
 
 
 def selected_polygon_region(layer: QgsVectorLayer | None) -> Region:

@@ -8,6 +8,7 @@ import signal
 import time
 
 import numpy as np
+import pytest
 from conftest import use_settings
 from qgis.core import QgsProject, QgsRasterLayer
 from qgislib import (
@@ -172,3 +173,64 @@ def test_refused_input_is_one_line_and_starts_nothing(plugin, results_dir, tmp_p
     dock.region_combo.setCurrentIndex(dock.region_combo.findData("rectangle"))
     assert dock.ask() is None and "Draw a rectangle" in dock.banner_label.text()
     assert dock.task is None
+
+
+def _ask_layer(plugin, layer, question: str, timeout_s: float = 60):
+    dock = plugin.show_dock()
+    dock.set_layer(layer)
+    dock.question_edit.setPlainText(question)
+    finished = []
+    dock.askFinished.connect(finished.append)
+    task = dock.ask()
+    assert task is not None, dock.banner_label.text()
+    assert process_events_until(lambda: bool(finished), timeout_s)
+    return finished[0]
+
+
+@pytest.mark.parametrize("case", ["one_row", "huge_question", "nan_everywhere"])
+def test_bad_inputs_through_the_dock_are_one_clear_line(plugin, worker, results_dir, tmp_path, case):
+    plugin.manager.apply_settings(use_settings(endpoint=worker.endpoint, auto_start=False, max_side=128,
+                                               max_new_tokens=4, output_dir=str(results_dir)))
+    gt = (500000, 10, 0, 4100000, 0, -10)
+    question = "Is there water?"
+    if case == "one_row":
+        path = write_geotiff(tmp_path / "row.tif", scene(1, 40), gt, 32630)
+    elif case == "nan_everywhere":
+        path = write_geotiff(tmp_path / "nan.tif", np.full((3, 16, 16), np.nan, np.float32), gt, 32630)
+    else:
+        path = write_geotiff(tmp_path / "ok.tif", scene(), gt, 32630)
+        question = "Why? " * 4000
+    layer = QgsRasterLayer(str(path), case)
+    QgsProject.instance().addMapLayer(layer)
+    record = _ask_layer(plugin, layer, question)
+    assert record.error and _single_line(record.error), record.error
+    assert record.error.startswith(("This raster cannot be used", "The request was refused")), record.error
+    with WorkerClient(worker.endpoint, timeout_s=5) as c:
+        assert c.ping()["state"] == "ready"
+
+
+def test_raster_without_crs_answers_with_pixel_units_only(plugin, worker, results_dir, tmp_path):
+    plugin.manager.apply_settings(use_settings(endpoint=worker.endpoint, auto_start=False, max_side=128,
+                                               max_new_tokens=4, output_dir=str(results_dir)))
+    path = write_geotiff(tmp_path / "nocrs.tif", scene(), (0, 1, 0, 0, 0, -1), None)
+    layer = QgsRasterLayer(str(path), "nocrs")
+    QgsProject.instance().addMapLayer(layer)
+    record = _ask_layer(plugin, layer, "Is there water?")
+    assert record.error == "" and record.answer
+    assert all(s.area_ha is None for s in record.steps)
+
+
+def test_complex_sar_layer_is_sent_and_answered(plugin, worker, results_dir, tmp_path):
+    plugin.manager.apply_settings(use_settings(endpoint=worker.endpoint, auto_start=False, max_side=128,
+                                               max_new_tokens=4, output_dir=str(results_dir)))
+    rng = np.random.default_rng(2)
+    slc = (rng.normal(size=(1, 40, 40)) + 1j * rng.normal(size=(1, 40, 40))).astype(np.complex64)
+    optical = QgsRasterLayer(str(write_geotiff(tmp_path / "o.tif", scene(40, 40), (500000, 10, 0, 4100000, 0, -10),
+                                               32630)), "optical")
+    sar = QgsRasterLayer(str(write_geotiff(tmp_path / "slc.tif", slc, (500000, 10, 0, 4100000, 0, -10), 32630)),
+                         "slc")
+    QgsProject.instance().addMapLayers([optical, sar])
+    dock = plugin.show_dock()
+    dock.sar_combo.setLayer(sar)
+    record = _ask_layer(plugin, optical, "Is there flooding?")
+    assert record.error == "" and record.layer_names == ["optical", "slc"]
