@@ -148,7 +148,11 @@ def json_safe(value: Any) -> Any:
 
 
 def dumps(obj: Any) -> bytes:
-    return json.dumps(json_safe(obj), ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    safe = json_safe(obj)
+    try:
+        return json.dumps(safe, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate in some text: \u-escape everything instead
+        return json.dumps(safe, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def encode_message(header: Mapping[str, Any], arrays: Mapping[str, np.ndarray] | None = None) -> list[Any]:

@@ -151,6 +151,8 @@ def _run_pool(args: argparse.Namespace, model: str, secret: bytes | None, client
         member += ["--dtype", args.dtype]
     if args.memory_limit_bytes:
         member += ["--memory-limit-bytes", str(args.memory_limit_bytes)]
+    if args.job_memory_budget_bytes:
+        member += ["--job-memory-budget-bytes", str(args.job_memory_budget_bytes)]
     if secret is not None:
         member.append("--pool-curve")
     for p in args.allow_path:

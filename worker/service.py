@@ -288,7 +288,12 @@ class WorkerService:
                         continue
                     job.state = "running"
                 job.started = time.monotonic()
-                self._run_job(job, push)
+                try:
+                    self._run_job(job, push)
+                except Exception:  # noqa: BLE001 - even the error event failed; end the job plainly
+                    log.error("request %s: could not report its outcome:\n%s", job.request.id,
+                              traceback.format_exc())
+                    self._emit(push, job, P.error_event(job.request.id, P.INTERNAL, "internal error (see worker log)"))
         finally:
             push.close()
 
@@ -522,37 +527,18 @@ class WorkerService:
         poller.register(pull, zmq.POLLIN)
         if bus_sub is not None:
             poller.register(bus_sub, zmq.POLLIN)
-        next_beat = time.monotonic() + self.config.heartbeat_s
-        shutdown_deadline = None
+        self._next_beat = time.monotonic() + self.config.heartbeat_s
+        self._shutdown_deadline: float | None = None
         try:
             while True:
-                ready = dict(poller.poll(100))
-                if pull in ready:
-                    self._drain_events(pull)
-                if router in ready:
-                    for _ in range(64):  # bounded batch so events and beats are never starved
-                        try:
-                            frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
-                        except zmq.Again:
-                            break
-                        self._on_message(frames)
-                if bus_sub is not None and bus_sub in ready:
-                    self._drain_bus(bus_sub)
-                now = time.monotonic()
-                self._flush_pending(now)
-                if now >= next_beat:
-                    self._beat(now)
-                    next_beat = now + self.config.heartbeat_s
-                if self._stop.is_set() and not self._shutting_down:
-                    self._begin_shutdown(broadcast=False)
-                if self._shutting_down:
-                    if shutdown_deadline is None:
-                        shutdown_deadline = now + 10.0
-                    if (not self._model_thread.is_alive() and not self._by_token) or now > shutdown_deadline:
-                        self._drain_events(pull)
+                try:
+                    if self._io_step(poller, router, pull, bus_sub):
                         break
-        except Exception:  # noqa: BLE001
-            log.critical("IO loop crashed:\n%s", traceback.format_exc())
+                except zmq.ContextTerminated:
+                    break
+                except Exception:  # noqa: BLE001 - a bug in one step must not end the service
+                    log.error("IO loop step failed (the worker keeps serving):\n%s", traceback.format_exc())
+                    time.sleep(0.01)
         finally:
             self._queue.close()
             for job in list(self._by_token.values()):
@@ -567,6 +553,38 @@ class WorkerService:
                 self._auth.stop()
             self._done.set()
             log.info("worker stopped")
+
+    def _io_step(self, poller: zmq.Poller, router: zmq.Socket, pull: zmq.Socket, bus_sub: zmq.Socket | None) -> bool:
+        """One poll round of the IO thread; True when the service is done."""
+        ready = dict(poller.poll(100))
+        if pull in ready:
+            self._drain_events(pull)
+        if router in ready:
+            for _ in range(64):  # bounded batch so events and beats are never starved
+                try:
+                    frames = router.recv_multipart(zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                try:
+                    self._on_message(frames)
+                except Exception:  # noqa: BLE001 - even the error reply failed: drop this message
+                    log.error("could not answer a message:\n%s", traceback.format_exc())
+        if bus_sub is not None and bus_sub in ready:
+            self._drain_bus(bus_sub)
+        now = time.monotonic()
+        self._flush_pending(now)
+        if now >= self._next_beat:
+            self._beat(now)
+            self._next_beat = now + self.config.heartbeat_s
+        if self._stop.is_set() and not self._shutting_down:
+            self._begin_shutdown(broadcast=False)
+        if self._shutting_down:
+            if self._shutdown_deadline is None:
+                self._shutdown_deadline = now + 10.0
+            if (not self._model_thread.is_alive() and not self._by_token) or now > self._shutdown_deadline:
+                self._drain_events(pull)
+                return True
+        return False
 
     # --- sending ------------------------------------------------------------------------------
     def _send(self, envelope: Sequence[Any], frames: Sequence[Any], job: Job | None = None) -> None:

@@ -68,6 +68,8 @@ MALFORMED = [
     ("no id", [b"", json.dumps({"protocol": 1, "op": "ping"}).encode()], P.MISSING_FIELD),
     ("no op", [b"", _header()], P.MISSING_FIELD),
     ("unknown op", [b"", _header(op="format_disk")], P.UNKNOWN_OP),
+    ("unknown non-ascii op", [b"", _header(op="pïng ✓")], P.UNKNOWN_OP),
+    ("lone surrogate", [b"", b'{"protocol": 1, "id": "s", "op": "\\ud800"}'], P.BAD_JSON),
     ("frames != arrays", [b"", _header(op="echo"), b"\x00" * 8], P.BAD_FRAME),
     ("shape x dtype != bytes", [b"", _header(op="echo", arrays=[{"name": "a", "dtype": "f4", "shape": [3, 3]}]),
                                 b"\x00" * 35], P.BAD_ARRAY),
