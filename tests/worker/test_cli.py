@@ -153,6 +153,17 @@ def test_ask_against_a_running_worker(worker, tmp_path) -> None:
     _check_answer(json.loads(proc.stdout), "What is here?")
     text = cli("ask", str(img), "-q", "What is here?", "--endpoint", worker.endpoint, "--max-new-tokens", "8")
     assert text.returncode == 0 and "Answer:" in text.stdout
+    # two IMAGEs = a time series t0, t1; masks come back per image and are written with --out
+    later = write_tif(tmp_path / "later.tif", raster(40, 40, seed=5))
+    proc = cli("ask", str(img), str(later), "-q", "What changed?", "--endpoint", worker.endpoint,
+               "--max-new-tokens", "80", "--json", "--out", str(tmp_path / "series"),
+               "--forced-prefix", "<think>Before [SEG] and after [SEG] the")
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout)
+    assert [m["step"] for m in out["masks"]] == [0, 1]
+    assert all(m["image"] in (0, 1) and Path(m["geotiff"]).exists() for m in out["masks"])
+    proc = cli("ask", str(img), str(later), "--sar", str(img), "-q", "x?", "--endpoint", worker.endpoint)
+    assert proc.returncode == 2 and "time series" in one_line_error(proc)
 
 
 def test_ask_bad_raster_is_one_line(worker, tmp_path) -> None:

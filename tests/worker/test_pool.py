@@ -131,3 +131,21 @@ def test_shutdown_stops_every_member(pool) -> None:
     with WorkerClient(endpoint, timeout_s=5) as c:
         assert c.shutdown()["event"] == "bye"
     assert proc.wait(60) == 0
+
+
+def test_gpu_lists_map_into_cuda_visible_devices(monkeypatch) -> None:
+    from worker.pool import visible_gpus
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert visible_gpus("0,1") == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert visible_gpus("1") == ["3"]  # indexes are relative to what this process may see
+    for bad in ("", "a,b", "0;1", "5"):
+        with pytest.raises(ValueError):
+            visible_gpus(bad)
+    import torch
+
+    if not torch.cuda.is_available():
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            visible_gpus("all")
