@@ -99,6 +99,11 @@ def load_records(data_dir: str | Path, splits: Sequence[str] = ("train",), kinds
                 continue
             rec["_base"] = str(f.parent)
             out.append(rec)
+    seen: dict[str, int] = {}
+    for rec in out:  # ids key the device banks: make them unique even if a file repeats one
+        rid = str(rec.get("id", "?"))
+        seen[rid] = seen.get(rid, 0) + 1
+        rec["id"] = rid if seen[rid] == 1 else f"{rid}#{seen[rid]}"
     return out
 
 

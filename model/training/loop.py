@@ -60,6 +60,8 @@ def init_dist(device: str = "auto") -> Dist:
             raise RuntimeError("device 'cuda' requested but CUDA is not available")
         dev = torch.device("cuda", local if world > 1 else torch.device(device).index or 0)
         torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = True  # fp32 master weights outside autocast regions
+        torch.backends.cudnn.allow_tf32 = True
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
@@ -137,9 +139,13 @@ def fan_in_init(module: nn.Module) -> None:
 
 # ---- sampling ------------------------------------------------------------------------------------------------------
 class StageSampler:
-    """Draws examples for a stage: a kind by ``kind_weights`` (else proportional), then uniformly."""
+    """Draws examples for a stage: a kind by ``kind_weights`` (else proportional), then uniformly.
 
-    def __init__(self, examples: list[Example], stage: StageConfig, seed: int):
+    Batches are grouped by length: ``group`` batches are drawn at once, sorted by sequence length and
+    served in random order, so a batch rarely pads a 300-token question to a 1500-token series.
+    """
+
+    def __init__(self, examples: list[Example], stage: StageConfig, seed: int, length=None, group: int = 8):
         self.by_kind: dict[str, list[Example]] = {}
         for ex in examples:
             if ex.kind in stage.kinds:
@@ -155,19 +161,34 @@ class StageSampler:
             raise ValueError(f"stage {stage.name}: kind_weights give no weight to {kinds}")
         self.kinds, self.p = kinds, w / w.sum()
         self.rng = np.random.default_rng(seed)
+        self.length = length
+        self.group = max(1, group)
+        self.by_id = {ex.id: ex for exs in self.by_kind.values() for ex in exs}
+        self.queue: list[list[str]] = []
 
     def __len__(self) -> int:
         return sum(len(v) for v in self.by_kind.values())
 
-    def draw(self, n: int) -> list[Example]:
+    def _draw(self, n: int) -> list[Example]:
         ks = self.rng.choice(len(self.kinds), size=n, p=self.p)
         return [self.by_kind[self.kinds[k]][int(self.rng.integers(len(self.by_kind[self.kinds[k]])))] for k in ks]
 
+    def draw(self, n: int) -> list[Example]:
+        if self.length is None or self.group == 1:
+            return self._draw(n)
+        if not self.queue:
+            pool = sorted(self._draw(n * self.group), key=self.length)
+            batches = [[ex.id for ex in pool[i:i + n]] for i in range(0, len(pool), n)]
+            order = self.rng.permutation(len(batches))
+            self.queue = [batches[i] for i in order]
+        return [self.by_id[i] for i in self.queue.pop(0)]
+
     def state(self) -> dict:
-        return self.rng.bit_generator.state
+        return {"rng": self.rng.bit_generator.state, "queue": self.queue}
 
     def set_state(self, state: dict) -> None:
-        self.rng.bit_generator.state = state
+        self.rng.bit_generator.state = state["rng"]
+        self.queue = [list(b) for b in state["queue"]]
 
 
 def lr_factor(stage: StageConfig, step: int, progress: float) -> float:
@@ -279,6 +300,7 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
     val_records = load_records(cfg.data, ("val",), kinds)[: cfg.val_limit] if cfg.val_limit else []
     val_examples, _ = builder.build_all(val_records)
     banks = Banks(examples + val_examples, d.device)
+    lengths = {ex.id: builder.max_len(ex) for ex in examples}
     if d.main:
         print(f"[train] image banks on {d.device}: {banks.nbytes() / 2**20:.0f} MiB; model "
               f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params", flush=True)
@@ -313,7 +335,7 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # master weights of trained parameters in fp32
         opt = make_optimizer(model, stage, d.device)
-        sampler = StageSampler(examples, stage, cfg.seed * 1000 + si * 17 + d.rank)
+        sampler = StageSampler(examples, stage, cfg.seed * 1000 + si * 17 + d.rank, length=lambda ex: lengths[ex.id])
         rng = np.random.default_rng(cfg.seed * 7919 + si * 31 + d.rank)
         fwd.seg_weight = stage.seg_loss_weight
         step, elapsed_before = 0, 0.0
@@ -380,12 +402,8 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
                         res = ddp(batch)
                     (res["loss"] / stage.grad_accum).backward()
                 for k in ("loss", "lm_loss", "seg_loss", "aux_loss", "mask_iou"):
-                    v = float(res[k].detach())
-                    if not math.isnan(v):
-                        acc.setdefault(k, []).append(v)
+                    acc.setdefault(k, []).append(res[k].detach().float())  # read at log time: no sync here
                 samples_log += batch.n_samples * d.world
-            if not math.isfinite(float(res["loss"].detach())):
-                raise FloatingPointError(f"stage {stage.name} step {step}: loss is {float(res['loss'])}")
             torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], stage.max_grad_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -396,7 +414,9 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
                 bar.update(1)
             if step % cfg.log_every == 0 or step == max_steps:
                 now = time.time()
-                last = {k: float(np.mean(v)) for k, v in acc.items()}
+                last = {k: float(torch.stack(v).nanmean()) for k, v in acc.items()}
+                if not math.isfinite(last.get("loss", 0.0)):
+                    raise FloatingPointError(f"stage {stage.name} step {step}: loss is {last.get('loss')}")
                 row = {"stage": stage.name, "step": step, "global_step": global_step,
                        "time_s": round(now - t_run, 2), "samples": samples_total,
                        "lr": opt.param_groups[0]["lr"], "samples_per_s": samples_log / max(1e-9, now - t_log),

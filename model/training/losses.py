@@ -8,43 +8,31 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
-def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Next-token cross-entropy; ``labels`` are aligned with ``logits`` positions already shifted.
+def dice_bce_per_mask(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """[N, K, h, w] candidate logits vs [N, h, w] soft targets -> [N, K] soft Dice + mean pixel BCE.
 
-    ``labels[b, t]`` is the token that position t must predict, or IGNORE_INDEX (prompt, injected region
-    tokens, measurement spans, padding). Returns the mean loss and the number of counted tokens.
+    Per candidate, so the caller can train the best of SAM-2's multimask outputs (as SAM does).
     """
-    n = int((labels != IGNORE_INDEX).sum())
-    if n == 0:
-        return logits.sum() * 0.0, 0
-    loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss / n, n
+    if logits.shape[0] != target.shape[0] or logits.shape[-2:] != target.shape[-2:]:
+        raise ValueError(f"mask logits {tuple(logits.shape)} and targets {tuple(target.shape)} differ")
+    logits = logits.float()
+    tgt = target.float()[:, None].expand_as(logits)
+    bce = F.binary_cross_entropy_with_logits(logits, tgt, reduction="none").flatten(2).mean(-1)
+    p = logits.sigmoid().flatten(2)
+    tf = tgt.flatten(2)
+    dice = 1.0 - (2.0 * (p * tf).sum(-1) + eps) / (p.sum(-1) + tf.sum(-1) + eps)
+    return dice + bce
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
-    """Soft Dice over each mask (N,H,W), averaged over masks (LISA/Sa2VA style, smoothed by eps)."""
+    """Soft Dice over each mask (N,H,W), averaged over masks (a monitor of the chosen mask)."""
     p = logits.float().sigmoid().flatten(1)
     t = target.float().flatten(1)
-    inter = (p * t).sum(1)
-    return (1.0 - (2.0 * inter + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
-
-
-def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
-
-
-def seg_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Dice + BCE on mask logits vs binary targets of the same (N,H,W) shape."""
-    if logits.shape != target.shape:
-        raise ValueError(f"mask logits {tuple(logits.shape)} and targets {tuple(target.shape)} differ")
-    if logits.numel() == 0:
-        return logits.sum() * 0.0
-    return dice_loss(logits, target) + bce_loss(logits, target)
+    return (1.0 - (2.0 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
 
 
 def mask_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """IoU of (logits > 0) vs target per mask (a training-time monitor, not a loss)."""
+    """IoU of (logits > 0) vs (target > 0.5) per mask (a training-time monitor, not a loss)."""
     p = logits > 0
     t = target > 0.5
     inter = (p & t).flatten(1).sum(1).float()

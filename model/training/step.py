@@ -18,7 +18,7 @@ from model.modeling_terrascope import Sam2Features, TerraScopeModel, text_releva
 from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, SAM2_MEAN, SAM2_STD
 
 from .data import Example, ExampleBuilder
-from .losses import IGNORE_INDEX, dice_loss, lm_loss, mask_iou
+from .losses import IGNORE_INDEX, dice_bce_per_mask, dice_loss, mask_iou
 
 
 # ---- device-resident image banks ---------------------------------------------------------------------------
@@ -86,6 +86,12 @@ class Batch:
     seg_target: torch.Tensor  # per [SEG]: row of banks.targets
     seg_present: torch.Tensor  # per [SEG]: bool
     n_samples: int
+    # indices computed on the host so the step never waits on the GPU (no boolean-mask indexing)
+    tgt_b: torch.Tensor | None = None  # positions with a target: sample
+    tgt_pos: torch.Tensor | None = None  # ... and position
+    tgt_ids: torch.Tensor | None = None  # ... and the token to predict
+    present_idx: torch.Tensor | None = None  # [SEG]s whose GT mask is not empty
+    n_present: int = 0
 
 
 def collate(examples: list[Example], banks: Banks, builder: ExampleBuilder, ground: list[bool],
@@ -148,9 +154,13 @@ def collate(examples: list[Example], banks: Banks, builder: ExampleBuilder, grou
     def t(x: list, dtype: torch.dtype = torch.long) -> torch.Tensor:
         return torch.tensor(x, dtype=dtype, device=dev)
 
+    tgt = (labels != IGNORE_INDEX).nonzero()
+    present_idx = [i for i, p in enumerate(seg_present) if p]
     return Batch(ids.to(dev), labels.to(dev), t(tile_rows), t(img_b), t(img_pos), t(img_src), t(reg_b), t(reg_pos),
                  t(reg_src), t(reg_alt), t(reg_pair), pairs, t(seg_b), t(seg_pos), t(sam_rows), t(seg_frame),
-                 t(seg_target), t(seg_present, torch.bool), len(examples))
+                 t(seg_target), t(seg_present, torch.bool), len(examples),
+                 tgt[:, 0].to(dev), tgt[:, 1].to(dev), labels[tgt[:, 0], tgt[:, 1]].to(dev), t(present_idx),
+                 len(present_idx))
 
 
 # ---- SAM-2 decode (training variant) ----------------------------------------------------------------------------
@@ -176,16 +186,6 @@ def decode_all(model: TerraScopeModel, feats: Sam2Features, prompt: torch.Tensor
         high_resolution_features=feats.image_embeddings[:-1],
     )
     return low[:, 0].float(), iou[:, 0].float(), obj[:, 0].float()
-
-
-def _per_mask_dice_bce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """[N, K, h, w] logits vs [N, h, w] soft target -> [N, K] Dice + BCE per candidate."""
-    tgt = target[:, None].expand_as(logits)
-    bce = F.binary_cross_entropy_with_logits(logits, tgt, reduction="none").flatten(2).mean(-1)
-    p = logits.sigmoid().flatten(2)
-    tf = tgt.flatten(2)
-    dice = 1.0 - (2.0 * (p * tf).sum(-1) + 1.0) / (p.sum(-1) + tf.sum(-1) + 1.0)
-    return dice + bce
 
 
 # ---- the forward -------------------------------------------------------------------------------------------------
@@ -223,9 +223,9 @@ class TrainingForward(nn.Module):
         lm_model = m.language_model
         flat, hidden = self.encode(batch)
         # logits only where there is a target (saves a [B, L, V] tensor)
-        sel = batch.labels != IGNORE_INDEX
-        logits = lm_model.lm_head(hidden[sel])
-        lm, n_tok = lm_loss(logits, batch.labels[sel])
+        logits = lm_model.lm_head(hidden[batch.tgt_b, batch.tgt_pos])
+        n_tok = int(batch.tgt_ids.numel())
+        lm = F.cross_entropy(logits.float(), batch.tgt_ids) if n_tok else logits.sum() * 0.0
         out = {"lm_loss": lm, "n_tokens": torch.tensor(float(n_tok), device=hidden.device)}
         # 4. masks from each [SEG] hidden state
         if batch.seg_b.numel():
@@ -241,17 +241,18 @@ class TrainingForward(nn.Module):
                                  "rebuild the examples for this model config")
             present = batch.seg_present
             obj_loss = F.binary_cross_entropy_with_logits(obj[:, 0], present.float())
-            if present.any():
-                lp, tp = low[present], target[present]
-                cand = _per_mask_dice_bce(lp, tp)  # [P, 3]
+            if batch.n_present:
+                pi = batch.present_idx
+                lp, tp = low[pi], target[pi]
+                cand = dice_bce_per_mask(lp, tp)  # [P, 3]
                 best = cand.argmin(dim=1)
                 mask_l = cand.gather(1, best[:, None]).mean()
                 with torch.no_grad():
                     actual = torch.stack([mask_iou(lp[:, k], tp) for k in range(lp.shape[1])], dim=1)
-                    chosen = lp[torch.arange(lp.shape[0], device=lp.device), iou_pred[present].argmax(1)]
+                    chosen = lp[torch.arange(lp.shape[0], device=lp.device), iou_pred[pi].argmax(1)]
                     iou_mon = mask_iou(chosen, tp).mean()
                     dice_mon = dice_loss(chosen, tp)
-                iou_l = F.mse_loss(iou_pred[present], actual)  # the IoU head ends in a sigmoid
+                iou_l = F.mse_loss(iou_pred[pi], actual)  # the IoU head ends in a sigmoid
             else:
                 mask_l = iou_l = low.sum() * 0.0
                 iou_mon = dice_mon = torch.tensor(float("nan"), device=low.device)

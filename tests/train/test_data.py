@@ -164,3 +164,19 @@ def test_jitter_span_scales_numbers():
     assert out != span and 12.31 * 0.8 <= a <= 12.31 * 1.2 and 4.2 * 0.79 <= p <= 4.2 * 1.21
     assert abs(a / 12.31 - p / 4.2) < 0.03  # area and share move together
     assert 5 <= n <= 9 and out.count(".") == span.count(".")
+
+
+def test_mask_losses():
+    from model.training.losses import dice_bce_per_mask, mask_iou
+
+    target = torch.zeros(2, 8, 8)
+    target[:, 2:6, 2:6] = 1.0
+    good = (target * 40 - 20)[:, None].repeat(1, 3, 1, 1)
+    good[:, 1] = -good[:, 1]  # candidate 1 is the complement
+    loss = dice_bce_per_mask(good, target)
+    assert loss.shape == (2, 3)
+    assert float(loss[:, 0].max()) < 0.02 and float(loss[:, 1].min()) > 1.0
+    assert torch.allclose(mask_iou(good[:, 0], target), torch.ones(2))
+    assert torch.allclose(mask_iou(good[:, 1], target), torch.zeros(2))
+    with pytest.raises(ValueError, match="differ"):
+        dice_bce_per_mask(good, target[:, :4])
