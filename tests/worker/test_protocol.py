@@ -88,7 +88,7 @@ def test_malformed_messages_get_stable_codes(frames: list[bytes], code: str) -> 
     assert e.value.message  # a human sentence, not just the code
 
 
-def test_total_size_is_checked_before_anything_else() -> None:
+def test_total_size_is_checked_before_any_array_is_touched() -> None:
     limits = P.Limits(max_message_bytes=1000)
     frames = [_head(arrays=[{"name": "a", "dtype": "u1", "shape": [2000]}]), b"\x00" * 2000]
     with pytest.raises(P.ProtocolError) as e:
