@@ -85,6 +85,7 @@ class WorkerClient:
         # Incoming messages may be large (masks on the request grid): allow up to 4 GiB.
         self.limits = limits or P.Limits(max_message_bytes=1 << 32, max_header_bytes=64 << 20)
         self.max_send_bytes = P.Limits().max_message_bytes
+        self._limit_known = False  # learnt from ``info``; until then a big ask asks for it first
         self._server_key = read_key(curve_server_key)
         if curve_client_keys is not None:
             self._client_keys = (read_key(curve_client_keys[0]), read_key(curve_client_keys[1]))
@@ -238,6 +239,7 @@ class WorkerClient:
         limit = (ev.get("limits") or {}).get("max_message_bytes")
         if isinstance(limit, int) and limit > 0:
             self.max_send_bytes = limit
+            self._limit_known = True
         return ev
 
     def echo(self, arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
@@ -266,6 +268,10 @@ class WorkerClient:
         after ``should_cancel()`` turned true) or WorkerUnavailable (no event for this job within
         ``timeout_s``: the worker died or hung). ``max_wait_s`` bounds the whole call if given.
         """
+        if not self._limit_known and arrays and sum(np.asarray(a).nbytes for a in arrays.values()) > 1 << 20:
+            # a frame over the worker's limit is dropped by libzmq with the connection, unanswered:
+            # learn the limit first so that such a request fails here with ``too_large``
+            self.info()
         with self._exclusive():
             header = dict(request_header)
             header.setdefault("protocol", P.PROTOCOL_VERSION)

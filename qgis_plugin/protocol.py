@@ -296,16 +296,19 @@ def decode_message(
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """(header, arrays) from the frames after the routing envelope. Arrays are read-only zero-copy views.
 
-    Raises ProtocolError with a stable code; the order of checks is: total size, header, array
-    table, byte counts, and only then are numpy views created.
+    Raises ProtocolError with a stable code; the order of checks is: header (size-limited, so the
+    error can name the request), total size, array table, byte counts, and only then are numpy
+    views created.
     """
     if not frames:
         raise ProtocolError(BAD_FRAME, "empty message (no header frame)")
-    total = message_nbytes(frames)
-    if total > limits.max_message_bytes:
-        raise ProtocolError(TOO_LARGE, f"message is {total} bytes; the limit is {limits.max_message_bytes}")
     header = decode_header(frames[0], limits)
     rid = header.get("id") if isinstance(header.get("id"), str) else None
+    total = message_nbytes(frames)
+    if total > limits.max_message_bytes:
+        raise ProtocolError(
+            TOO_LARGE, f"message is {total} bytes; the limit is {limits.max_message_bytes}", rid
+        )
     table = _array_table(header, len(frames) - 1, limits, rid)
     for (name, dtype, shape), frame in zip(table, frames[1:]):
         expected = int(np.prod(shape, dtype=object)) * dtype.itemsize if shape else dtype.itemsize
