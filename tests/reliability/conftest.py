@@ -12,7 +12,7 @@ from relharness import RawClient, WorkerProc
 @pytest.fixture(scope="session")
 def worker() -> Iterator[WorkerProc]:
     """One shared worker on the fixture checkpoint (most tests only need it to keep serving)."""
-    w = WorkerProc("--max-queue", "8", "--max-message-bytes", str(8 << 20)).start()
+    w = WorkerProc("--max-queue", "8", "--max-message-bytes", str(16 << 20)).start()
     w.wait_ready()
     yield w
     w.stop()
