@@ -30,8 +30,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -117,6 +119,7 @@ class DecodeStats:
     suffix_prefill_ms: float = 0.0
     total_ms: float = 0.0
     seg_ms: float = 0.0  # [SEG] handling: sync + handler (SAM-2 decode, selection) + injection launch
+    handler_ms: float = 0.0  # the part of seg_ms spent inside the SegHandler (host + SAM-2 mask decode)
     decode_steps: int = 0
     inject_steps: int = 0
     graphed: bool = False
@@ -206,6 +209,26 @@ def _silu_mul(gu: torch.Tensor) -> torch.Tensor:
     return F.silu(gu[..., :n]) * gu[..., n:]
 
 
+def _rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin_s: torch.Tensor, kr: torch.Tensor, vr: torch.Tensor,
+             index: tuple[torch.Tensor, ...], nh: int, kvh: int) -> torch.Tensor:
+    """RoPE on q and k, k and v written into the row cache, q returned as [G, kvh, R, g, L, d].
+
+    ``index_put_`` (not ``scatter_``) so that Inductor fuses all of it into one kernel writing the cache
+    in place (with ``scatter_`` it clones the whole cache).
+    """
+    _, L, _, d = qkv.shape
+    G, R = kr.shape[0], kr.shape[2]
+    qk = _rope(qkv[:, :, : nh + kvh], cos, sin_s)
+    kr.index_put_(index, qk[:, :, nh:].reshape(G, R, L, kvh, d).permute(0, 3, 1, 2, 4))
+    vr.index_put_(index, qkv[:, :, nh + kvh:].reshape(G, R, L, kvh, d).permute(0, 3, 1, 2, 4))
+    return qk[:, :, :nh].reshape(G, R, L, kvh, nh // kvh, d).permute(0, 3, 1, 4, 2, 5).contiguous()
+
+
+def _joint_softmax(sp: torch.Tensor, sr: torch.Tensor) -> torch.Tensor:
+    """One softmax over the prefix scores and the row scores (concatenated on the key axis)."""
+    return torch.cat((sp, sr), -1).softmax(-1)
+
+
 # ---- the engine ----------------------------------------------------------------------------------------------
 class _Pending:
     """Tokens of one launched step: read through a pinned buffer after its event (CUDA) or directly (CPU)."""
@@ -272,11 +295,12 @@ class FastDecoder:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.use_graphs = bool(use_graphs)
         self.kernels = kernels
-        self._rms, self._rope, self._silu_mul = _rms, _rope, _silu_mul
-        if kernels == "compiled":  # fuse the elementwise chains (norm, rope, SwiGLU) with Inductor
+        self._rms, self._rope_kv, self._silu_mul, self._softmax = _rms, _rope_kv, _silu_mul, _joint_softmax
+        if kernels == "compiled":  # fuse the elementwise chains (norm, rope + cache write, SwiGLU, softmax)
             self._rms = torch.compile(_rms)
-            self._rope = torch.compile(_rope)
+            self._rope_kv = torch.compile(_rope_kv)
             self._silu_mul = torch.compile(_silu_mul)
+            self._softmax = torch.compile(_joint_softmax)
         elif kernels != "eager":
             raise ValueError(f"kernels must be 'eager' or 'compiled', got {kernels!r}")
         self._alloc()
@@ -312,6 +336,10 @@ class FastDecoder:
         self.ones_b = torch.ones(B, **li)
         self.arange_b = torch.arange(B, **li)
         self.slots = torch.arange(self.S, **li)
+        # broadcast index pieces of the row-cache write [G, kvh, R, L] (the slot part is per step)
+        self.idx_g = torch.arange(G, **li).view(G, 1, 1, 1)
+        self.idx_h = torch.arange(self.kvh, **li).view(1, self.kvh, 1, 1)
+        self.idx_r = torch.arange(R, **li).view(1, 1, R, 1)
         self.cap = self.S - self.Linj - 1  # positions are clamped here so no write leaves the cache
 
     def memory_bytes(self) -> int:
@@ -327,7 +355,8 @@ class FastDecoder:
         are padding whose cache writes land beyond the row's new position, where the causal mask hides them
         until real tokens overwrite them. ``fused`` uses the compiled elementwise helpers (graph bodies).
         """
-        rms, rope, silu_mul = (self._rms, self._rope, self._silu_mul) if fused else (_rms, _rope, _silu_mul)
+        rms, rope_kv, silu_mul, softmax = ((self._rms, self._rope_kv, self._silu_mul, self._softmax) if fused
+                                           else (_rms, _rope_kv, _silu_mul, _joint_softmax))
         G, R, B, kvh, g, d = self.G, self.R, self.B, self.kvh, self.g, self.d
         L = x.shape[1]
         nh = self.nh
@@ -344,25 +373,20 @@ class FastDecoder:
         sin = (emb.sin() * self.rope_scale).to(self.dtype)
         half = d // 2
         sin_s = torch.cat((-sin[..., :half], sin[..., half:]), -1)[:, :, None, :]
-        slot_idx = lim.view(G, 1, R, L, 1).expand(G, kvh, R, L, d).contiguous()
+        index = (self.idx_g, self.idx_h, self.idx_r, lim.view(G, 1, R, L))
         h = x.reshape(B * L, self.H)
         for li, w in enumerate(self.layers):
             n1 = rms(h, w.ln1, self.eps)
             qkv = torch.addmm(w.bqkv, n1, w.wqkv.t()).view(B, L, nh + 2 * kvh, d)
-            qk = rope(qkv[:, :, : nh + kvh], cos, sin_s)
-            k = qk[:, :, nh:].reshape(G, R, L, kvh, d).permute(0, 3, 1, 2, 4)
-            v = qkv[:, :, nh + kvh:].reshape(G, R, L, kvh, d).permute(0, 3, 1, 2, 4)
             kr, vr = self.k_row[li], self.v_row[li]  # [G, kvh, R, S, d]
-            kr.scatter_(3, slot_idx, k)
-            vr.scatter_(3, slot_idx, v)
-            q = qk[:, :, :nh].reshape(G, R, L, kvh, g, d).permute(0, 3, 1, 4, 2, 5).contiguous()
+            q = rope_kv(qkv, cos, sin_s, kr, vr, index, nh, kvh)
             kp = self.k_pre[li, :, :, :pb].reshape(G * kvh, pb, d)
             vp = self.v_pre[li, :, :, :pb].reshape(G * kvh, pb, d)
             krb = kr[:, :, :, :sb].reshape(G * kvh * R, sb, d)
             vrb = vr[:, :, :, :sb].reshape(G * kvh * R, sb, d)
             sp = torch.baddbmm(pmask, q.view(G * kvh, R * g * L, d), kp.transpose(1, 2), alpha=self.scale)
             sr = torch.baddbmm(row_mask, q.view(G * kvh * R, g * L, d), krb.transpose(1, 2), alpha=self.scale)
-            probs = torch.cat((sp.view(G, kvh, R, g * L, pb), sr.view(G, kvh, R, g * L, sb)), -1).softmax(-1)
+            probs = softmax(sp.view(G, kvh, R, g * L, pb), sr.view(G, kvh, R, g * L, sb))
             o = torch.bmm(probs[..., :pb].reshape(G * kvh, R * g * L, pb), vp)
             o = torch.baddbmm(o.view(G * kvh * R, g * L, d), probs[..., pb:].reshape(G * kvh * R, g * L, sb), vrb)
             o = o.view(G, kvh, R, g, L, d).permute(0, 2, 4, 1, 3, 5).reshape(B * L, nh * d)
@@ -567,7 +591,9 @@ class FastDecoder:
                 segs = [s for s in prev_seg if not done[s]]
                 reqs = [SegRequest(row_of[s], s // self.R, n_seg[s], self.hidden_out[s].clone(), list(ids[s]))
                         for s in segs]
+                t_h = time.perf_counter()
                 injections = on_seg(reqs) if reqs else []
+                stats.handler_ms += (time.perf_counter() - t_h) * 1e3
                 if len(injections) != len(reqs):
                     raise RuntimeError("SegHandler returned a different number of injections than requests")
                 inject: dict[int, torch.Tensor] = {}
@@ -881,8 +907,76 @@ class _RowState:
             self.q.on_token(delta)
 
 
-def _seg_handler(gen: Generator, states: list[_RowState]) -> SegHandler:
-    """The [SEG] block of ``Generator.run`` for several rows at once (one batched SAM-2 mask decode)."""
+class _SamPrefetch:
+    """SAM-2 embeddings of every image in a batch, encoded by a background thread on a side stream.
+
+    The image encoder is compute-bound and decoding is bandwidth-bound, so the two overlap on the GPU; the
+    host-side 1024-px resize runs off the decode thread too. The first [SEG] then only waits on an event.
+    CUDA only; the features land in each context's ``sam_cache`` exactly as ``Generator.sam_features``
+    would put them there (still once per image).
+    """
+
+    def __init__(self, gen: Generator, ctxs: Sequence[VisualContext]) -> None:
+        self.gen = gen
+        self.main = torch.cuda.current_stream()
+        self.stream = torch.cuda.Stream()
+        self.ready: dict[tuple[int, int], threading.Event] = {}
+        self.events: dict[tuple[int, int], torch.cuda.Event] = {}
+        self.error: BaseException | None = None
+        todo = []
+        for ctx in ctxs:
+            for i in range(len(ctx.pixels)):
+                key = (id(ctx), i)
+                if i not in ctx.sam_cache and key not in self.ready:
+                    self.ready[key] = threading.Event()
+                    todo.append((ctx, i, key))
+        self.stream.wait_stream(self.main)
+        self.thread = threading.Thread(target=self._run, args=(todo,), daemon=True, name="sam2-prefetch")
+        self.thread.start()
+
+    def _run(self, todo: list[tuple[VisualContext, int, tuple[int, int]]]) -> None:
+        try:
+            with torch.no_grad(), torch.cuda.stream(self.stream):
+                for ctx, i, key in todo:
+                    feats = self.gen.sam_features(ctx, i)
+                    for t in [*feats.image_embeddings, feats.image_pe]:
+                        t.record_stream(self.main)
+                    event = torch.cuda.Event()
+                    event.record(self.stream)
+                    self.events[key] = event
+                    self.ready[key].set()
+        except BaseException as exc:  # noqa: BLE001 - handed to the decode thread, which raises it
+            self.error = exc
+            for ev in self.ready.values():
+                ev.set()
+
+    def wait(self, ctx: VisualContext, index: int) -> None:
+        key = (id(ctx), index)
+        ready = self.ready.get(key)
+        if ready is None:
+            return
+        ready.wait()
+        if self.error is not None:
+            raise RuntimeError(f"SAM-2 prefetch failed: {self.error!r}") from self.error
+        torch.cuda.current_stream().wait_event(self.events[key])
+
+    def close(self) -> None:
+        self.thread.join()
+
+
+_SELECT_POOL: ThreadPoolExecutor | None = None
+
+
+def _select_pool() -> ThreadPoolExecutor:
+    global _SELECT_POOL
+    if _SELECT_POOL is None:
+        _SELECT_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="select")
+    return _SELECT_POOL
+
+
+def _seg_handler(gen: Generator, states: list[_RowState], prefetch: _SamPrefetch | None) -> SegHandler:
+    """The [SEG] block of ``Generator.run`` for several rows at once: one batched SAM-2 mask decode, one
+    interpolation and one device-to-host copy per mask size, token selection on a thread pool."""
     from . import prompting, selection
 
     model, cfg = gen.model, gen.model.config
@@ -896,34 +990,57 @@ def _seg_handler(gen: Generator, states: list[_RowState]) -> SegHandler:
             st = states[r.row]
             text_so_far = gen.tok.decode(r.token_ids)
             image = gen._route(st.q.ctx, len(st.steps), text_so_far)
+            if prefetch is not None:
+                prefetch.wait(st.q.ctx, image)
             plan.append((st, text_so_far, image, gen.sam_features(st.q.ctx, image)))
         feats = [p[3] for p in plan]
         batch = Sam2Features([torch.cat([f.image_embeddings[i] for f in feats]) for i in
                               range(len(feats[0].image_embeddings))], feats[0].image_pe)
         dec = model.sam2_decode(batch, prompts)
+        n = len(plan)
+        sel_hw, own_hw = [], []
+        for st, _, image, _ in plan:
+            ctx = st.q.ctx
+            own = tuple(ctx.pixels[image].shape[:2])
+            # official multi-image code sizes every frame's mask to the first image
+            sel = tuple(ctx.pixels[0].shape[:2]) if (cfg.compat == "official" and ctx.kind != "single") else own
+            sel_hw.append(sel)
+            own_hw.append(own)
+        empty = [cfg.suppress_no_object and o <= 0 for o in dec.object_score[:, 0].tolist()]
+        scores = dec.iou.gather(1, dec.best[:, None])[:, 0].tolist()
+        masks_sel: list[np.ndarray] = [np.zeros(0, bool)] * n
+        masks_own: list[np.ndarray] = [np.zeros(0, bool)] * n
+        for hws, out in ((sel_hw, masks_sel), (own_hw, masks_own)):
+            for hw in set(hws):
+                rows = [i for i in range(n) if hws[i] == hw]
+                if out is masks_own and all(sel_hw[i] == hw for i in rows):
+                    for i in rows:
+                        out[i] = masks_sel[i]
+                    continue
+                idx = torch.tensor(rows, device=dec.low_res.device)
+                probs = mask_probabilities(dec.low_res[idx], hw, cfg.sam2.image_size)
+                host = (probs > 0.5).cpu().numpy()
+                for j, i in enumerate(rows):
+                    out[i] = np.zeros(hw, bool) if empty[i] else host[j]
+
+        def select(i: int) -> list[int]:
+            st, _, image, _ = plan[i]
+            return gen._select(st.q.ctx, image, masks_sel[i], st.settings, st.lam, st.rng)
+
+        parallel = n > 1 and all(p[0].settings.injection != "random" for p in plan)  # random: one rng order
+        chosen = list(_select_pool().map(select, range(n))) if parallel else [select(i) for i in range(n)]
         out = []
         for i, (st, text_so_far, image, _) in enumerate(plan):
-            ctx = st.q.ctx
-            own_hw = ctx.pixels[image].shape[:2]
-            # official multi-image code sizes every frame's mask to the first image
-            sel_hw = ctx.pixels[0].shape[:2] if (cfg.compat == "official" and ctx.kind != "single") else own_hw
-            low = dec.low_res[i:i + 1]
-            probs_sel = mask_probabilities(low, sel_hw, cfg.sam2.image_size)[0]
-            probs = probs_sel if tuple(sel_hw) == tuple(own_hw) else mask_probabilities(
-                low, own_hw, cfg.sam2.image_size)[0]
-            empty = cfg.suppress_no_object and float(dec.object_score[i, 0]) <= 0
-            mask_sel = np.zeros(sel_hw, bool) if empty else (probs_sel > 0.5).cpu().numpy()
-            mask = np.zeros(own_hw, bool) if empty else (probs > 0.5).cpu().numpy()
-            local = gen._select(ctx, image, mask_sel, st.settings, st.lam, st.rng)
+            ctx, local = st.q.ctx, chosen[i]
             if ctx.kind == "pair":
-                n = ctx.token_counts[0]
+                n_opt = ctx.token_counts[0]
                 modality = selection.choose_modality(st.beta[0], st.beta[1], local) if st.beta else []
-                flat_idx = [j + (n if m == "sar" else 0) for j, m in zip(local, modality)]
+                flat_idx = [j + (n_opt if m == "sar" else 0) for j, m in zip(local, modality)]
             else:
                 modality = []
                 flat_idx = [ctx.offsets[image] + j for j in local]
             step = MaskStep(step=len(st.steps), label=prompting.seg_label(text_so_far), image_index=image,
-                            mask=mask, score=float(dec.iou[i, dec.best[i]]), token_indices=list(flat_idx),
+                            mask=masks_own[i], score=float(scores[i]), token_indices=list(flat_idx),
                             modality=modality)
             if st.q.on_mask is not None:
                 st.q.on_mask(step)
@@ -1018,8 +1135,15 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
         st.emit()
 
     stats = DecodeStats()
-    outs = dec.generate(rows, dsettings, _seg_handler(gen, states), on_token=on_tok, should_stop=should_stop,
-                        stats=stats)
+    prefetch = None
+    if model.device.type == "cuda" and os.environ.get("TERRASCOPE_SAM2_PREFETCH", "1") != "0":
+        prefetch = _SamPrefetch(gen, list({id(q.ctx): q.ctx for q in questions}.values()))
+    try:
+        outs = dec.generate(rows, dsettings, _seg_handler(gen, states, prefetch), on_token=on_tok,
+                            should_stop=should_stop, stats=stats)
+    finally:
+        if prefetch is not None:
+            prefetch.close()
     results = []
     for q, st, out in zip(questions, states, outs):
         out_ids = out.token_ids
@@ -1027,10 +1151,11 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
         if stopped == "eos" and out_ids and out_ids[-1] != gen.ids.eos:
             stopped = "answer"
         timings = dict(q.ctx.timings_ms)
-        decode_ms = stats.total_ms - stats.suffix_prefill_ms - stats.seg_ms
+        decode_ms = stats.total_ms - stats.suffix_prefill_ms - stats.handler_ms
         timings.update({"prefill_ms": prefill_ms + stats.suffix_prefill_ms, "decode_ms": decode_ms,
                         "sam2_ms": st.sam_ms, "generated_tokens": float(len(out_ids)),
                         "decode_steps": float(stats.decode_steps), "fast_path": 1.0,
+                        "seg_wait_ms": stats.seg_ms - stats.handler_ms,
                         "total_ms": timings.get("preprocess_ms", 0) + timings.get("vision_ms", 0)
                         + (time.perf_counter() - t_start) * 1e3})
         text = gen.tok.decode(out_ids).strip()

@@ -204,7 +204,7 @@ def test_engine_refuses_bad_requests_with_clear_errors():
     ts = sharp_scope()
     h = ts.model.config.llm.hidden_size
     dec = fd.FastDecoder(ts.model, max_prefix=8, max_row_len=40, inject_len=4)
-    st = fd.DecodeSettings(stop_ids=(1,), seg_id=2, max_new_tokens=10)
+    st = fd.DecodeSettings(stop_ids=(-1,), seg_id=-2, max_new_tokens=10)  # ids no model emits
     with pytest.raises(ValueError, match="set_prefix"):
         dec.generate([fd.RowInput(0, torch.zeros(3, h))], st, lambda r: [])
     with pytest.raises(ValueError, match="does not fit"):
@@ -215,7 +215,7 @@ def test_engine_refuses_bad_requests_with_clear_errors():
     with pytest.raises(ValueError, match="more than 1 questions"):
         dec.generate([fd.RowInput(0, torch.zeros(3, h)), fd.RowInput(0, torch.zeros(3, h))], st, lambda r: [])
     with pytest.raises(ValueError, match="outgrew the cache"):
-        dec.generate([fd.RowInput(0, torch.randn(3, h))], fd.DecodeSettings((1,), 2, max_new_tokens=500),
+        dec.generate([fd.RowInput(0, torch.randn(3, h))], fd.DecodeSettings((-1,), -2, max_new_tokens=500),
                      lambda r: [])
 
 
