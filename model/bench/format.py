@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,8 +53,8 @@ class BenchItem:
         return [c[0] for c in self.choices]
 
     def to_json(self, base: Path) -> dict:
-        def rel(p: Path) -> str:
-            return Path(p).resolve().relative_to(base.resolve()).as_posix()
+        def rel(p: Path) -> str:  # "../" is fine: a bench inside a dataset folder points at its images
+            return Path(os.path.relpath(Path(p).resolve(), base.resolve())).as_posix()
 
         out = {"id": self.id, "task": self.task, "images": [{"path": rel(i.path), "role": i.role} for i in self.images],
                "question": self.question, "choices": self.choices, "answer": self.answer}

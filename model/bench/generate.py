@@ -6,7 +6,8 @@ Only real tiles and the before/after pairs edited from them are used (never proc
 scenes). Questions come from the same generators as Terra-CoT, in multiple-choice form (4 options,
 2 for CR and BRD), with stricter filters so that every item is unambiguous: classes of at least 0.5 %
 cover, no boundary question where the gap is 2-3 pixels, distances of at least 3 pixels, counts up to
-30. Images and ground-truth masks are copied next to the bench file (paths are relative to it).
+30. Paths are relative to the bench file: images are copied next to it, unless the bench file lies inside
+the dataset folder, where it points at the dataset's own images ("../../images/...").
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from model.bench.format import BenchImage, BenchItem, GtMask, write_bench
 from model.data import l1, l2, temporal
 from model.data.facts import Facts
+from model.data.numbers import option_text
 from model.data.records import Ctx, Record
 from model.data.store import MaskStore, load_tiles, safe_name, scene_from_tile
 from model.data.synth import views
@@ -54,12 +56,15 @@ def _records_for(ctx: Ctx) -> list[tuple[str, Record | None]]:
             if n >= 2:
                 out.append(("DM", _largest_distance(ctx, c)))
         out.append(("CR", _try(l2.half_comparison, ctx, c)))
+        if c in s.countable and 2 <= n <= MAX_COUNT:
+            out.append(("BRD", _unambiguous(ctx, _try(l2.largest_adjacency, ctx, c, c, True))))
     pairs = list(itertools.combinations(present, 2))
     ctx.rng.shuffle(pairs)
     for a, b in pairs:
         gap = f.gap_px(lf, a, b)
-        if gap is not None and gap not in (2.0, 3.0) and not 1.0 < gap < 4.0:
+        if gap is not None and not 1.0 < gap < 4.0:
             out.append(("BRD", _try(l1.adjacency, ctx, a, b, True)))
+        out.append(("BRD", _unambiguous(ctx, _try(l2.largest_adjacency, ctx, a, b, True))))
         if gap is not None and gap >= MIN_DIST_PX:
             out.append(("DM", _try(l1.distance, ctx, a, b, True)))
         out.append(("CR", _try(l2.class_comparison, ctx, a, b)))
@@ -71,6 +76,15 @@ def _try(fn, *args):
         return fn(*args)
     except ValueError:
         return None
+
+
+def _unambiguous(ctx: Ctx, rec: Record | None) -> Record | None:
+    """Keep a boundary question only when its two masks touch or are at least 4 pixels apart."""
+    if rec is None:
+        return None
+    a, b = (s.name for s in rec.segs)
+    gap = ctx.facts.gap_px(ctx.lf, a, b)
+    return rec if gap is not None and not 1.0 < gap < 4.0 else None
 
 
 def _largest_distance(ctx: Ctx, cls: str) -> Record | None:
@@ -90,6 +104,7 @@ def generate(data: Path, split: str, out: Path, seed: int = 0, per_task_per_scen
         raise ValueError(f"{data} has no real {split} tiles to build a bench from")
     base = out.parent
     base.mkdir(parents=True, exist_ok=True)
+    in_place = base.resolve().is_relative_to(Path(data).resolve())  # inside the dataset: reuse its images
     masks = MaskStore(base)
     items: list[BenchItem] = []
     counter = [0]
@@ -114,6 +129,8 @@ def generate(data: Path, split: str, out: Path, seed: int = 0, per_task_per_scen
                     rec = recs[int(i)]
                     images = []
                     for k, fr in enumerate(v.frames):
+                        if fr not in copied and in_place:
+                            copied[fr] = data / tile["frames"][fr]["path"]
                         if fr not in copied:
                             src = data / tile["frames"][fr]["path"]
                             dst = base / "images" / f"{safe_name(scene.id)}_{fr}{src.suffix}"
@@ -127,8 +144,27 @@ def generate(data: Path, split: str, out: Path, seed: int = 0, per_task_per_scen
                     gts = [GtMask(base / masks.put(facts.mask(sg.frame, sg.name)), sg.label) for sg in rec.segs]
                     items.append(BenchItem(f"{task}/{rec.id}", task, images, rec.question, list(rec.choices or []),
                                            rec.answer, gts))
+    items = balance_yes_no(items, rng)
     write_bench(out, items)
     return items
+
+
+def balance_yes_no(items: list[BenchItem], rng: np.random.Generator, ratio: float = 1.5) -> list[BenchItem]:
+    """Per source, keep at most ``ratio`` x as many BRD questions of the majority answer as of the minority,
+    so that "buildings -> No, land cover -> Yes" is no shortcut."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for i, it in enumerate(items):
+        if it.task == "BRD":
+            value = option_text(it.choices[it.letters.index(it.answer)])
+            groups.setdefault((it.id.split("/")[1].split("_")[0], value), []).append(i)
+    drop: set[int] = set()
+    for src in {s for s, _ in groups}:
+        yes, no = groups.get((src, "Yes"), []), groups.get((src, "No"), [])
+        cap = max(1, int(ratio * min(len(yes), len(no))))
+        for idx in (yes, no):
+            if len(idx) > cap:
+                drop.update(int(i) for i in rng.choice(idx, len(idx) - cap, replace=False))
+    return [it for i, it in enumerate(items) if i not in drop]
 
 
 def main(argv: list[str] | None = None) -> int:

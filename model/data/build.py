@@ -72,7 +72,7 @@ def expand(real: list[Scene], rng: np.random.Generator, n_landcover: int = 60, n
         train = s.split == "train"
         if train:
             scenes += augmented(s, rng)
-        scenes += edited(s, rng, pair_prob=0.45 if train else 0.8, series_prob=0.2 if train else 0.1,
+        scenes += edited(s, rng, pair_prob=0.6 if train else 0.8, series_prob=0.25 if train else 0.1,
                          destroy_prob=0.6 if train else 0.85)
     procs: list[Scene] = [procedural.landcover(rng, i) for i in range(n_landcover)]
     procs += [procedural.settlement(rng, i) for i in range(n_settlement)]

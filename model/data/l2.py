@@ -239,6 +239,45 @@ def largest_object(ctx: Ctx, cls: str, mc: bool, task: str = "distance") -> Reco
                            kind="l2")
 
 
+def largest_adjacency(ctx: Ctx, a: str, b: str, mc: bool) -> Record | None:
+    """Boundary question about one object: does the largest {a} patch border the {b} (other {a} if a == b)?"""
+    from model.data.augment import objects
+
+    lab, n = objects(ctx.facts.mask(ctx.lf, a))
+    if n < 1 or (a == b and n < 2):
+        return None
+    sizes = np.bincount(lab.ravel())[1:]
+    big = int(np.argmax(sizes)) + 1
+    if n > 1 and np.sort(sizes)[-2] == sizes[big - 1]:
+        return None
+    one = region_text(a) if be(a) == "is" else objects_text(a)[:-1]
+    patch = f"largest {one} patch" if be(a) == "is" else f"largest {one}"
+    x = ctx.facts.add(ctx.lf, f"{a}@largest", lab == big)
+    if a == b:
+        y = ctx.facts.add(ctx.lf, f"{a}@others", (lab > 0) & (lab != big))
+        other = f"other {objects_text(a)}"
+    else:
+        y, other = b, region_text(b)
+    q = ctx.pick((f"Does the {patch} border the {other}?", f"Is the {patch} adjacent to the {other}?"))
+    tr = Trace().say(f"I segment the {patch}")
+    ctx.seg(tr, x, patch)
+    tr.say(f" and the {other}")
+    ctx.seg(tr, y, other)
+    touch = ctx.facts.adjacent(ctx.lf, x, y)
+    if touch:
+        tr.say(". Their outlines touch, so they share a boundary.")
+    else:
+        gap = ctx.facts.distance_m(ctx.lf, x, y)
+        far = f" (closest pixels {fmt_distance(gap)} apart)" if gap is not None else ""
+        tr.say(f". The two masks do not touch{far}, so they do not share a boundary.")
+    value = "Yes" if touch else "No"
+    check = {"op": "adjacent", "segs": [0, 1], "value_text": value}
+    if mc:
+        options, letter = multiple_choice(ctx, value, ["No" if touch else "Yes"])
+        return ctx.record("l2", "adjacency", q, tr, letter, check, options)
+    return ctx.record("l2", "adjacency", q, tr, value, check)
+
+
 def dominant(ctx: Ctx, classes: list[str], mc: bool) -> Record | None:
     """Semantic by rule: the dominant land cover is the class with the largest area."""
     areas = {c: ctx.facts.measure(ctx.lf, c).area_px for c in classes}

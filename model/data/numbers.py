@@ -100,7 +100,11 @@ def numeric_distractors(value: float, fmt, rng: np.random.Generator, n: int = 3,
     factors = list(_FACTORS)
     rng.shuffle(factors)
     candidates: list[float] = []
-    base = value if integer else shown[0]  # scale from the value as displayed (0.0625% shows as 0.1%)
+    base = value if shown[0] != 0 else 0.0  # a value displayed as 0 gets the distractors of 0
+    if not integer and value > 0 and shown[0] > 0:
+        # scale from the value as displayed (0.0625 % shows as 0.1 %), in the value's own unit (m² for "ha")
+        unit = 10.0 ** round(math.log10(value / shown[0]))
+        base = shown[0] * unit
     if base == 0:
         candidates = [1, 2, 3, 5, 8] if integer else [sig(x) for x in (0.5, 1.0, 2.0, 4.0, 8.0)]
     else:

@@ -53,7 +53,8 @@ def single_view(ctx: Ctx) -> list[Record]:
         if c in s.countable and 0 < m.count <= MAX_COUNT:
             out += [_safe(l1.counting, ctx, c, mc()), _safe(l2.count_in_half, ctx, c, mc())]
         if c in s.countable and 1 < m.count <= MAX_COUNT:
-            out += [_safe(l2.largest_object, ctx, c, mc()), _safe(l2.largest_object, ctx, c, mc(), "area")]
+            out += [_safe(l2.largest_object, ctx, c, mc()), _safe(l2.largest_object, ctx, c, mc(), "area"),
+                    _safe(l2.largest_adjacency, ctx, c, c, mc())]
         out.append(_safe(l2.half_comparison, ctx, c))
         if c in BUILTUP:
             out.append(_safe(l2.built_up, ctx, c))
@@ -64,7 +65,8 @@ def single_view(ctx: Ctx) -> list[Record]:
     for a, b in pairs[:4]:
         if ctx.rng.random() < 0.5:
             a, b = b, a
-        out += [_safe(l1.adjacency, ctx, a, b, mc()), _safe(l1.distance, ctx, a, b, mc()),
+        out += [_safe(l1.adjacency, ctx, a, b, mc()), _safe(l2.largest_adjacency, ctx, a, b, mc()),
+                _safe(l1.distance, ctx, a, b, mc()),
                 _safe(l2.class_comparison, ctx, a, b), _safe(l2.compare_yesno, ctx, a, b, mc()),
                 _safe(l2.share_within, ctx, a, b, mc()), _safe(l2.area_difference, ctx, a, b, mc())]
     if len(present) >= 3:

@@ -133,7 +133,7 @@ def check_record(root: Path, rec: dict, tile: dict | None = None) -> list[str]:
             problems.append(f"{rid}: answer {value!r} appears {texts.count(value)} times in {texts}")
         elif rec["answer"] != LETTERS[texts.index(value)]:
             problems.append(f"{rid}: answer letter {rec['answer']} but {value!r} is option {LETTERS[texts.index(value)]}")
-        problems += distractor_problems(rid, texts)
+        problems += distractor_problems(rid, texts, value)
     elif value not in rec["answer"]:
         problems.append(f"{rid}: open answer {rec['answer']!r} does not state {value!r}")
     if SEG in rec["answer"] and rec["kind"] != "res":
@@ -141,8 +141,9 @@ def check_record(root: Path, rec: dict, tile: dict | None = None) -> list[str]:
     return problems
 
 
-def distractor_problems(rid: str, texts: list[str]) -> list[str]:
-    """Numeric options must be >= 15 % apart (as displayed); non-numeric ones distinct."""
+def distractor_problems(rid: str, texts: list[str], answer: str | None = None) -> list[str]:
+    """Numeric options must be >= 15 % apart (as displayed), in the answer's unit and order of magnitude
+    (within 0.05x-11x, so no option is absurd); non-numeric ones distinct."""
     if len(set(texts)) != len(texts):
         return [f"{rid}: duplicate options {texts}"]
     try:
@@ -153,4 +154,11 @@ def distractor_problems(rid: str, texts: list[str]) -> list[str]:
         return []
     if not N.well_separated(nums):
         return [f"{rid}: options {texts} are closer than {N.MIN_GAP:.0%}"]
+    if answer is not None:
+        unit = answer.split()[-1] if " " in answer else ("%" if answer.endswith("%") else "")
+        a = N.parse_number(answer)
+        if unit and any(not t.endswith(unit) for t in texts):
+            return [f"{rid}: options {texts} mix units"]
+        if a > 0 and any(x != 0 and not 0.05 * a <= x <= 11 * a for x in nums):
+            return [f"{rid}: options {texts} are not of the answer's magnitude"]
     return []

@@ -45,6 +45,8 @@ def test_area_and_distance_distractors_keep_the_unit(v: float, seed: int) -> Non
     unit = fmt(v).split()[-1]
     d = N.numeric_distractors(v, fmt, rng)
     assert all(x.endswith(unit) for x in d)
+    shown = N.parse_number(fmt(v))
+    assert all(0.05 * shown <= N.parse_number(x) <= 11 * shown for x in d), (fmt(v), d)  # same magnitude
     _check(fmt(v), d, *N.shuffle_options(fmt(v), d, rng))
     dd = N.numeric_distractors(v, N.fmt_distance, rng)
     _check(N.fmt_distance(v), dd, *N.shuffle_options(N.fmt_distance(v), dd, rng))
