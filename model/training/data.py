@@ -251,6 +251,8 @@ class ExampleBuilder:
         self.img_id = sp["img_context"]
         self.lowres = cfg.sam2.image_size // 4
         self._image_cache: dict[tuple[str, ...], PreparedImages] = {}
+        self._mask_cache: dict[tuple, tuple[list[int], np.ndarray, bool]] = {}
+        self._prompt_cache: dict[str, list[int]] = {}
 
     def _images(self, rec: dict) -> tuple[PreparedImages, list[str]]:
         base = Path(rec["_base"])
@@ -273,7 +275,7 @@ class ExampleBuilder:
         options = [strip_letter(c) for c in rec["choices"]] if rec.get("choices") else None
         prompt = prompting.build_prompt(self.cfg.template, rec["question"], options, imgs.token_counts,
                                         imgs.roles)
-        prompt_ids = self.tok.encode(prompt)
+        prompt_ids = self._encode_prompt(prompt)
         texts = rec["target"].split(SEG)
         seg_meta = rec.get("seg_masks") or []
         if len(seg_meta) != len(texts) - 1:
@@ -285,16 +287,9 @@ class ExampleBuilder:
             if not 0 <= src_image < len(imgs.order):
                 raise DataError(f"record {rid}: seg_masks[{k}].image={src_image} out of range")
             image = imgs.order[src_image]
-            mask = read_mask(base / meta["path"])
-            hw = imgs.layouts[image].orig_hw  # a pair's SAR image is already on the optical grid
-            if mask.shape != tuple(hw):
-                mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((hw[1], hw[0]),
-                                                                                     Image.NEAREST)) > 127
-            local = (region_indices(self.cfg, mask, imgs.layouts[image], imgs.kind)
-                     if mask.any() else [])
+            local, target, present = self._mask(base / meta["path"], imgs, image)
             span = meta.get("grounding")
-            segs.append(SegItem(image, local, lowres_target(mask, self.lowres), bool(mask.any()),
-                                span if isinstance(span, str) and span else None))
+            segs.append(SegItem(image, local, target, present, span if isinstance(span, str) and span else None))
         pieces = [self.tok.encode(t) for t in texts]
         pieces[-1] = pieces[-1] + [self.eos_id]
         q_ids = self.tok.encode(rec["question"])
@@ -302,6 +297,40 @@ class ExampleBuilder:
         if self.max_len(ex) > self.max_seq_len:
             raise DataError(f"record {rid}: {self.max_len(ex)} tokens > max_seq_len {self.max_seq_len}")
         return ex
+
+    def _mask(self, path: Path, imgs: PreparedImages, image: int) -> tuple[list[int], np.ndarray, bool]:
+        """(region tokens, low-res target, present) of a mask file on one image; cached (masks repeat)."""
+        lay = imgs.layouts[image]
+        key = (str(path), lay.orig_hw, lay.cols, lay.rows, imgs.kind)
+        hit = self._mask_cache.get(key)
+        if hit is not None:
+            return hit
+        mask = read_mask(path)
+        hw = lay.orig_hw  # a pair's SAR image is already on the optical grid
+        if mask.shape != tuple(hw):
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((hw[1], hw[0]),
+                                                                                 Image.NEAREST)) > 127
+        present = bool(mask.any())
+        local = region_indices(self.cfg, mask, lay, imgs.kind) if present else []
+        out = (local, lowres_target(mask, self.lowres), present)
+        self._mask_cache[key] = out
+        return out
+
+    def _encode_prompt(self, prompt: str) -> list[int]:
+        """Token ids of a prompt; the part up to the last ``</img>`` is cached.
+
+        The tokenizer splits special tokens out before anything else, so the text after ``</img>`` is
+        tokenised the same with or without what precedes it (tests compare with the runtime's ids).
+        """
+        cut = prompt.rfind("</img>")
+        if cut < 0:
+            return self.tok.encode(prompt)
+        cut += len("</img>")
+        head = prompt[:cut]
+        ids = self._prompt_cache.get(head)
+        if ids is None:
+            ids = self._prompt_cache[head] = self.tok.encode(head)
+        return ids + self.tok.encode(prompt[cut:])
 
     def max_len(self, ex: Example) -> int:
         spans = sum(len(self.tok.encode(s.grounding)) + 8 for s in ex.segs if s.grounding)

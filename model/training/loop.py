@@ -298,7 +298,7 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
         raise ValueError(f"{cfg.data}: no usable training records ({len(errors)} errors, first: "
                          f"{errors[0] if errors else 'none'})")
     val_records = load_records(cfg.data, ("val",), kinds)[: cfg.val_limit] if cfg.val_limit else []
-    val_examples, _ = builder.build_all(val_records)
+    val_examples, _ = builder.build_all(val_records, workers=min(16, os.cpu_count() or 1))
     banks = Banks(examples + val_examples, d.device)
     lengths = {ex.id: builder.max_len(ex) for ex in examples}
     if d.main:
