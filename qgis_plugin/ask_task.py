@@ -27,6 +27,7 @@ from .client import WorkerClient, WorkerError, WorkerUnavailable
 from .errors import describe
 from .geometry import mask_polygons, measure
 from .gpkg import write_results
+from .layers import StepLayers, build_layers
 from .preview import mask_thumbnail, rgb_preview, to_qimage
 from .rasters import RasterReadError, RasterWindow, read_window
 from .record import AskRecord, StepRecord
@@ -97,6 +98,7 @@ class AskTask(QgsTask):
         self.error = ""
         self.exception: BaseException | None = None
         self.gpkg_path: Path | None = None
+        self.built: list[StepLayers] | None = None
         self._tokens = 0
 
     # --- task thread ----------------------------------------------------------------------
@@ -121,6 +123,7 @@ class AskTask(QgsTask):
                 self.gpkg_path = write_results(self.record, self.spec.results_dir, self.spec.context,
                                                self.spec.ellipsoid)
                 self.record.gpkg_path = str(self.gpkg_path)
+                self.built = build_layers(self.record, self.gpkg_path)  # ~20 ms a step: not on the UI thread
             self.setProgress(100)
             return True
         except Exception as exc:  # noqa: BLE001 - every failure becomes one line for the user

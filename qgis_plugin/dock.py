@@ -37,7 +37,7 @@ from qgis.PyQt.QtWidgets import (
 from .ask_task import AskSpec, AskTask, SourceSpec
 from .errors import one_line
 from .geometry import effective_ellipsoid
-from .layers import add_results, find_group
+from .layers import LoadResultsTask, add_results, find_group
 from .output_view import OutputView
 from .record import AskRecord, StepRecord, to_markdown
 from .region import (
@@ -113,6 +113,7 @@ class AskDock(QgsDockWidget):
         self._drawn: Region | None = None
         self._map_tool: QgsMapToolExtent | None = None
         self._renderer: WebRenderer | None = None
+        self._reloads: list[LoadResultsTask] = []
         self._build()
         manager.statusChanged.connect(self.show_status)
         manager.workerDied.connect(self._on_worker_died)
@@ -549,7 +550,7 @@ class AskDock(QgsDockWidget):
         ok = task.status() == QgsTask.Complete and not task.error
         if ok and task.gpkg_path is not None:
             try:
-                add_results(record, task.gpkg_path)
+                add_results(record, task.gpkg_path, built=task.built)
             except OSError as exc:
                 record.error = one_line(str(exc))
                 ok = False
@@ -591,7 +592,12 @@ class AskDock(QgsDockWidget):
             group.setItemVisibilityChecked(True)
             group.setExpanded(True)
         elif record.gpkg_path and Path(record.gpkg_path).exists():
-            add_results(record, record.gpkg_path)
+            reload = LoadResultsTask(record, record.gpkg_path)
+            reload.loaded.connect(lambda built, r=record: add_results(r, r.gpkg_path, built=built))
+            self._reloads.append(reload)
+            reload.taskCompleted.connect(lambda t=reload: self._reloads.remove(t))
+            reload.taskTerminated.connect(lambda t=reload: self._reloads.remove(t))
+            QgsApplication.taskManager().addTask(reload)
 
     # --- Markdown ---------------------------------------------------------------------------
     def _selected_record(self) -> AskRecord | None:

@@ -8,21 +8,24 @@ instead of replacing), and the `.part` name removed.
 
 from __future__ import annotations
 
+import datetime as _dt
 import json
 import os
 import re
+import sqlite3
 import unicodedata
 from pathlib import Path
 
 import numpy as np
 from osgeo import gdal, ogr, osr
 from qgis.core import (
+    Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransformContext,
     QgsLayerMetadata,
-    QgsProviderRegistry,
     QgsVectorLayer,
 )
+from qgis.PyQt.QtXml import QDomDocument, QDomImplementation
 
 from .geometry import mask_polygons, measure
 from .record import AskRecord, StepRecord
@@ -118,6 +121,7 @@ def _write_vectors(path: Path, record: AskRecord) -> None:
         for name, value in zip(columns, values):
             row.SetField(name, value)
         table.CreateFeature(row)
+        _write_styles(ds, record)
     finally:
         ds = None
 
@@ -158,17 +162,100 @@ def layer_metadata(record: AskRecord, step: StepRecord | None) -> QgsLayerMetada
     return md
 
 
-def _write_styles_and_metadata(path: Path, record: AskRecord) -> None:
-    provider_md = QgsProviderRegistry.instance().providerMetadata("ogr")
+def step_qml(step: int) -> str:
+    """The QML of a step layer's style (built on a memory layer: no file is touched)."""
+    layer = QgsVectorLayer("MultiPolygon?crs=EPSG:4326", "style", "memory")
+    style_step_layer(layer, step)
+    doc = QDomDocument()
+    layer.exportNamedStyle(doc)
+    return doc.toString()
+
+
+def _write_styles(ds: ogr.DataSource, record: AskRecord) -> None:
+    """Each step's style as QGIS's default in `layer_styles`, so the GeoPackage alone opens styled."""
+    table = ds.CreateLayer("layer_styles", None, ogr.wkbNone)
+    for name, width in (("f_table_catalog", 256), ("f_table_schema", 256), ("f_table_name", 256),
+                        ("f_geometry_column", 256), ("styleName", 30), ("styleQML", 0), ("styleSLD", 0),
+                        ("description", 0), ("owner", 30), ("ui", 30)):
+        field = ogr.FieldDefn(name, ogr.OFTString)
+        field.SetWidth(width)
+        table.CreateField(field)
+    flag = ogr.FieldDefn("useAsDefault", ogr.OFTInteger)
+    flag.SetSubType(ogr.OFSTBoolean)
+    table.CreateField(flag)
+    table.CreateField(ogr.FieldDefn("update_time", ogr.OFTDateTime))
+    now = _dt.datetime.now(_dt.timezone.utc).strftime("%Y/%m/%d %H:%M:%S")
     for step in record.steps:
-        uri = f"{path}|layername={step_table(step.step)}"
-        layer = QgsVectorLayer(uri, step_table(step.step), "ogr")
-        if not layer.isValid():
-            raise ResultsWriteError(f"the step layer written to {path} cannot be read back")
-        style_step_layer(layer, step.step)
-        layer.saveStyleToDatabase(step_table(step.step), "TerraScope step colour", True, "")
-        provider_md.saveLayerMetadata(uri, layer_metadata(record, step))
-        del layer
+        f = ogr.Feature(table.GetLayerDefn())
+        for name, value in (("f_table_catalog", ""), ("f_table_schema", ""), ("f_table_name", step_table(step.step)),
+                            ("f_geometry_column", "geom"), ("styleName", step_table(step.step)),
+                            ("styleQML", step_qml(step.step)), ("styleSLD", ""),
+                            ("description", "TerraScope step colour"), ("owner", ""), ("update_time", now)):
+            f.SetField(name, value)
+        f.SetField("useAsDefault", 1)
+        table.CreateFeature(f)
+
+
+_METADATA_SQL = [
+    ("CREATE TABLE IF NOT EXISTS gpkg_extensions (table_name TEXT, column_name TEXT, extension_name TEXT NOT NULL, "
+     "definition TEXT NOT NULL, scope TEXT NOT NULL, CONSTRAINT ge_tce UNIQUE (table_name, column_name, "
+     "extension_name))"),
+    ("CREATE TABLE IF NOT EXISTS gpkg_metadata (id INTEGER CONSTRAINT m_pk PRIMARY KEY ASC NOT NULL, "
+    "md_scope TEXT NOT NULL DEFAULT 'dataset', md_standard_uri TEXT NOT NULL, "
+    "mime_type TEXT NOT NULL DEFAULT 'text/xml', metadata TEXT NOT NULL DEFAULT '')"),
+    ("CREATE TABLE IF NOT EXISTS gpkg_metadata_reference (reference_scope TEXT NOT NULL, table_name TEXT, "
+    "column_name TEXT, row_id_value INTEGER, timestamp DATETIME NOT NULL DEFAULT "
+    "(strftime('%Y-%m-%dT%H:%M:%fZ','now')), md_file_id INTEGER NOT NULL, md_parent_id INTEGER, "
+    "CONSTRAINT crmr_mfi_fk FOREIGN KEY (md_file_id) REFERENCES gpkg_metadata(id), "
+    "CONSTRAINT crmr_mpi_fk FOREIGN KEY (md_parent_id) REFERENCES gpkg_metadata(id))"),
+]
+_METADATA_EXTENSION = "http://www.geopackage.org/spec120/#extension_metadata"
+
+
+def metadata_xml(md: QgsLayerMetadata) -> str:
+    """QGIS's own XML for layer metadata, as its OGR provider stores it in a GeoPackage."""
+    doctype = QDomImplementation().createDocumentType("qgis", "http://mrcc.com/qgis.dtd", "SYSTEM")
+    doc = QDomDocument(doctype)
+    root = doc.createElement("qgis")
+    root.setAttribute("version", Qgis.QGIS_VERSION)
+    doc.appendChild(root)
+    md.writeMetadataXml(root, doc)
+    return doc.toString()
+
+
+def _write_metadata(path: Path, record: AskRecord) -> None:
+    """Question, answer and reasoning in each step table's metadata (GeoPackage metadata extension)."""
+    if not record.steps:
+        return  # the answer table holds them; no step table to describe
+    con = sqlite3.connect(str(path))
+    try:
+        con.execute("PRAGMA synchronous=OFF")  # a private .part file: it is fsynced once before publishing
+        with con:
+            for sql in _METADATA_SQL:
+                con.execute(sql)
+            for table in ("gpkg_metadata", "gpkg_metadata_reference"):
+                con.execute("INSERT INTO gpkg_extensions (table_name, column_name, extension_name, definition, scope) "
+                            "SELECT ?, NULL, 'gpkg_metadata', ?, 'read-write' WHERE NOT EXISTS (SELECT 1 FROM "
+                            "gpkg_extensions WHERE table_name = ? AND extension_name = 'gpkg_metadata')",
+                            (table, _METADATA_EXTENSION, table))
+            for step in record.steps:
+                cur = con.execute("INSERT INTO gpkg_metadata (md_scope, md_standard_uri, mime_type, metadata) "
+                                  "VALUES ('dataset', 'http://mrcc.com/qgis.dtd', 'text/xml', ?)",
+                                  (metadata_xml(layer_metadata(record, step)),))
+                con.execute("INSERT INTO gpkg_metadata_reference (reference_scope, table_name, md_file_id) "
+                            "VALUES ('table', ?, ?)", (step_table(step.step), cur.lastrowid))
+    except sqlite3.Error as exc:
+        raise ResultsWriteError(f"cannot write the metadata of {path}: {exc}") from exc
+    finally:
+        con.close()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_results(record: AskRecord, folder: Path, context: QgsCoordinateTransformContext,
@@ -187,9 +274,16 @@ def write_results(record: AskRecord, folder: Path, context: QgsCoordinateTransfo
     part = folder / f".{stem}.{os.getpid()}.part.gpkg"  # hidden; GDAL wants the .gpkg extension
     try:
         part.unlink(missing_ok=True)
-        _write_vectors(part, record)
-        _write_masks(part, record.steps)
-        _write_styles_and_metadata(part, record)
+        # SQLite syncs after every statement by default (~0.1 s each); the .part file is private, so it is
+        # written unsynced and made durable once, before it gets its final name.
+        gdal.SetThreadLocalConfigOption("OGR_SQLITE_SYNCHRONOUS", "OFF")
+        try:
+            _write_vectors(part, record)
+            _write_masks(part, record.steps)
+        finally:
+            gdal.SetThreadLocalConfigOption("OGR_SQLITE_SYNCHRONOUS", None)
+        _write_metadata(part, record)
+        _fsync(part)
         final = _publish(part, folder, stem)
         record.gpkg_path = str(final)
         return final

@@ -145,6 +145,7 @@ def test_history_markdown_and_reopen(plugin, worker, results_dir, tmp_path):
     QgsProject.instance().removeMapLayers(record.layer_ids)
     QgsProject.instance().layerTreeRoot().removeChildNode(_group_of(record))
     dock._history_clicked(dock.history_list.item(0))
+    assert process_events_until(lambda: _group_of(record) is not None, 10)
     group = _group_of(record)
     assert group is not None and len(group.findLayers()) == 2 * len(record.steps)
     assert np.all([QgsProject.instance().mapLayer(i) is not None for i in record.layer_ids])
