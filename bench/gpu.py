@@ -258,11 +258,12 @@ def profile_decode_step(ts: TerraScope, kernels: str, prefix_len: int, log: Log,
     for _ in range(3):
         dec._launch("decode", 100)
     sync(model.device)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    acts = [ProfilerActivity.CUDA] if model.device.type == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=acts) as prof:
         for _ in range(5):
             dec._launch("decode", 100)
         sync(model.device)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=30)
     for line in table.splitlines()[:22]:
         log("  " + line[:150])
     if out is not None:

@@ -60,6 +60,9 @@ NEG_INF = float("-inf")
 #: Elementwise kernels inside the graphs: "eager" (plain torch ops) or "compiled" (Inductor-fused norm, rope
 #: and SwiGLU). ``make bench-gpu`` times both; set TERRASCOPE_FAST_KERNELS to choose.
 DEFAULT_KERNELS = os.environ.get("TERRASCOPE_FAST_KERNELS", "eager")
+#: Held by graph captures and by the SAM-2 prefetch thread while it issues CUDA calls: a capture must not
+#: see another thread's synchronous CUDA call (a pageable copy, an allocation) while it records.
+_CAPTURE_LOCK = threading.Lock()
 
 
 # ---- data passed in and out ----------------------------------------------------------------------------------
@@ -443,14 +446,15 @@ class FastDecoder:
         saved = [t.clone() for t in (self.pos, self.tok, self.count, self.hidden_out)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
+        with _CAPTURE_LOCK:
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    self._body(kind, pb, sb)
+                    self.pos.copy_(saved[0])
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 self._body(kind, pb, sb)
-                self.pos.copy_(saved[0])
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._body(kind, pb, sb)
         self._pool = graph.pool()
         for t, v in zip((self.pos, self.tok, self.count, self.hidden_out), saved):
             t.copy_(v)
@@ -938,11 +942,12 @@ class _SamPrefetch:
         try:
             with torch.no_grad(), torch.cuda.stream(self.stream):
                 for ctx, i, key in todo:
-                    feats = self.gen.sam_features(ctx, i)
-                    for t in [*feats.image_embeddings, feats.image_pe]:
-                        t.record_stream(self.main)
-                    event = torch.cuda.Event()
-                    event.record(self.stream)
+                    with _CAPTURE_LOCK:
+                        feats = self.gen.sam_features(ctx, i)
+                        for t in [*feats.image_embeddings, feats.image_pe]:
+                            t.record_stream(self.main)
+                        event = torch.cuda.Event()
+                        event.record(self.stream)
                     self.events[key] = event
                     self.ready[key].set()
         except BaseException as exc:  # noqa: BLE001 - handed to the decode thread, which raises it
