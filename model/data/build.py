@@ -12,6 +12,7 @@ what keeps the folder small (see ``--max-mb``).
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from collections import Counter
@@ -126,6 +127,7 @@ def build(src: Path, out: Path, n_train: int = 7000, n_val: int = 700, seed: int
             "val_fraction": val_fraction}
     meta = synthesize(scenes, out, n_train, n_val, rng, meta, log)
     meta["seconds"] = round(time.time() - t0, 1)
+    (out / "build.json").write_text(json.dumps(meta, indent=1))
     log(f"wrote {meta['n_train']} + {meta['n_val']} records, {meta['scenes_written']} scenes, "
         f"{dataset_bytes(out) / 1e6:.1f} MB in {meta['seconds']} s")
     return meta

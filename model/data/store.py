@@ -2,7 +2,7 @@
 
 Layout of ``DIR``::
 
-    tiles.jsonl        one scene per line: split, block, georef, frames (image path, role, class masks)
+    tiles.json         JSON list, one scene per line: split, block, georef, frames (image, role, class masks)
     images/*.tif       GeoTIFF per frame: optical = 8-bit RGB (JPEG-in-TIFF), SAR = float32 VV/VH dB
     masks/*.png        1-bit PNG masks on the image grid, shared by content hash
     train.jsonl, val.jsonl   records (see ``record_json``), paths relative to DIR
@@ -36,7 +36,7 @@ def safe_name(text: str) -> str:
 
 
 def short_crs(wkt: str | None) -> str | None:
-    """"EPSG:nnnn" when the WKT is exactly that EPSG code (keeps tiles.jsonl small), else the WKT."""
+    """"EPSG:nnnn" when the WKT is exactly that EPSG code (keeps tiles.json small), else the WKT."""
     if wkt is None:
         return None
     from pyproj import CRS
@@ -175,9 +175,9 @@ class DatasetWriter:
         return n
 
     def finish(self, meta: dict) -> dict:
-        with (self.root / "tiles.jsonl").open("w", encoding="utf-8") as fh:
-            for t in self.tiles:
-                fh.write(json.dumps(t, separators=(",", ":")) + "\n")
+        # a JSON list (not .jsonl): record readers glob *.jsonl and must not mistake scenes for records
+        body = ",\n".join(json.dumps(t, separators=(",", ":")) for t in self.tiles)
+        (self.root / "tiles.json").write_text(f"[\n{body}\n]\n", encoding="utf-8")
         meta = dict(meta)
         meta["bytes"] = dataset_bytes(self.root)
         (self.root / "build.json").write_text(json.dumps(meta, indent=1))
@@ -208,10 +208,10 @@ def load_records(root: str | Path, split: str) -> list[dict]:
 
 
 def load_tiles(root: str | Path, split: str | None = None) -> list[dict]:
-    path = Path(root) / "tiles.jsonl"
+    path = Path(root) / "tiles.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found: is {root} a dataset built by model.data.build?")
-    return [t for t in read_jsonl(path) if split is None or t["split"] == split]
+    return [t for t in json.loads(path.read_text(encoding="utf-8")) if split is None or t["split"] == split]
 
 
 def scene_from_tile(root: str | Path, tile: dict) -> Scene:
