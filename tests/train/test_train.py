@@ -186,3 +186,26 @@ def _official(before: dict, ours: str) -> torch.Tensor:
             if mapped == ours:
                 return transform(t).to(torch.bfloat16).float()
     raise KeyError(ours)
+
+
+def test_export_shards_under_the_cap_and_loads(tmp_path):
+    from model.api import TerraScope
+    from model.configuration_terrascope import PRESETS, TerraScopeConfig
+    from model.loading import random_model
+    from model.tokenizer_train import save_tokenizer, train_tokenizer
+    from model.training.export import export
+    from model.training.loop import _deep_merge
+
+    from .conftest import TINY_MODEL
+
+    cfg = TerraScopeConfig.from_dict(_deep_merge(PRESETS["terrascope-mini"], TINY_MODEL))
+    model = random_model(cfg, "cpu", torch.float32, seed=3)
+    save_tokenizer(train_tokenizer(["a building [SEG] 12.5%"] * 10, 300, 1), tmp_path / "tok")
+    cap = 400_000
+    out = export(model, tmp_path / "m", tmp_path / "tok", "bf16", max_shard_bytes=cap)
+    shards = sorted(out.glob("model-*.safetensors"))
+    assert len(shards) >= 2 and not (out / "model.safetensors").exists()
+    assert all(p.stat().st_size < cap for p in shards)
+    loaded = TerraScope.load(str(out), device="cpu", dtype="float32").model.state_dict()
+    for name, t in model.state_dict().items():
+        assert torch.equal(loaded[name], t.to(torch.bfloat16).float()), name

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# What `make train-mini` runs on a GPU box: train terrascope-mini from scratch and export it to
+# resources/models/terrascope-mini (bf16 safetensors shards < 16 MiB). See docs/TRAINING.md.
+#
+#   scripts/train_mini_gpu.sh [extra model.train args]
+# Environment:
+#   PY=python3            interpreter with torch, transformers, peft, tokenizers, pillow, matplotlib, tqdm
+#   PACK=.carry/terra-cot-pack   packed dataset; built here if missing (needs rasterio + EO_SAMPLES)
+#   EO_SAMPLES=...        the eo-samples folder (only when the pack must be built)
+#   TIME_BUDGET_S=420     wall-clock training budget shared by the two stages
+#   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
+#   ARTEFACTS=            if set: copy the model, log, plot and summary there as <= 8 files (device runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+CONFIG=${CONFIG:-configs/terrascope-mini.json}
+PACK=${PACK:-.carry/terra-cot-pack}
+BUDGET=${TIME_BUDGET_S:-420}
+NPROC=${NPROC:-1}
+SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
+RUN=${RUN_DIR:-out/terrascope-mini}
+export PYTHONUNBUFFERED=1
+
+if [ ! -f "$PACK/train.jsonl" ]; then
+  DATA=${DATA:-data/terra-cot}
+  if [ ! -f "$DATA/train.jsonl" ]; then
+    "$PY" -m model.data.build --src "${EO_SAMPLES:?the pack $PACK is missing: set EO_SAMPLES to build it}" \
+      --out "$DATA" --seed 0
+  fi
+  "$PY" -m model.training.pack --data "$DATA" --out "$PACK" --format jpg --quality 90 --val-limit 256
+fi
+
+"$PY" - <<'PYEOF'
+import torch, transformers, peft, tokenizers
+print(f"torch {torch.__version__} cuda {torch.cuda.is_available()} "
+      f"{torch.cuda.get_device_name(0) if torch.cuda.is_available() else ''} transformers {transformers.__version__} "
+      f"peft {peft.__version__} tokenizers {tokenizers.__version__}", flush=True)
+PYEOF
+
+args=("$CONFIG" --data "$PACK" --out "$RUN" --save-dir "$SAVE" --time-budget-s "$BUDGET" --no-progress "$@")
+if [ "$NPROC" -gt 1 ]; then
+  NCCL_NVLS_ENABLE=0 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m model.train "${args[@]}"
+else
+  "$PY" -m model.train "${args[@]}"
+fi
+
+if [ -n "${ARTEFACTS:-}" ]; then
+  mkdir -p "$ARTEFACTS"
+  save_abs=$(cd "$SAVE" && pwd)
+  run_abs=$(cd "$RUN" && pwd)
+  cp "$save_abs"/model*.safetensors "$ARTEFACTS"/
+  (cd "$save_abs" && ls | grep -v '\.safetensors$') > "$run_abs/.meta_files"
+  tar -cf "$ARTEFACTS/meta.tar" -C "$save_abs" -T "$run_abs/.meta_files" \
+    -C "$run_abs" train_log.jsonl train_log.csv train_loss.png summary.json
+  ls -la "$ARTEFACTS"
+fi
