@@ -238,7 +238,8 @@ def decode_header(raw: Any, limits: Limits = Limits()) -> dict[str, Any]:
             json.dumps(header, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             try:
-                rid = rid if rid is None else (rid.encode("utf-8") and rid)
+                if rid is not None:
+                    rid.encode("utf-8")
             except UnicodeEncodeError:
                 rid = None  # an id that is itself not valid text is not echoed back
             raise ProtocolError(
