@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -126,11 +127,30 @@ def build(src: Path, out: Path, n_train: int = 7000, n_val: int = 700, seed: int
             "fair_per_city": fair_max_per_aoi, "n_procedural": [n_landcover, n_settlement],
             "val_fraction": val_fraction}
     meta = synthesize(scenes, out, n_train, n_val, rng, meta, log)
+    write_readme(src, out, meta)
+    meta["bytes"] = dataset_bytes(out)
     meta["seconds"] = round(time.time() - t0, 1)
     (out / "build.json").write_text(json.dumps(meta, indent=1))
     log(f"wrote {meta['n_train']} + {meta['n_val']} records, {meta['scenes_written']} scenes, "
         f"{dataset_bytes(out) / 1e6:.1f} MB in {meta['seconds']} s")
     return meta
+
+
+def write_readme(src: Path, out: Path, meta: dict) -> None:
+    """README (recipe, counts) and the EO samples' ATTRIBUTION.md, whose licences the derived files keep."""
+    attribution = src / "ATTRIBUTION.md"
+    if attribution.is_file():
+        shutil.copyfile(attribution, out / "ATTRIBUTION.md")
+    lines = [
+        "# Terra-CoT mini (built dataset)", "",
+        "Built from the project's EO samples by `model/data/build.py`; format and recipe: `docs/BENCH.md`.",
+        "Images, masks and records are derived from the samples listed in `ATTRIBUTION.md` and keep their",
+        "licences (share-alike parts: SpaceNet and NC data CC BY-SA, OpenStreetMap-derived labels ODbL).", "",
+        f"- command: `{meta.get('command')}`", f"- seed: {meta.get('seed')}",
+        f"- records: {meta.get('n_train')} train, {meta.get('n_val')} val; scenes written: {meta.get('scenes_written')}",
+        "- bench: `python -m model.bench.generate --data DIR --split val --out DIR/bench/val/bench.jsonl`", "",
+    ]
+    (out / "README.md").write_text("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
