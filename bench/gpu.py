@@ -348,6 +348,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernels", default="eager,compiled", help="decode-step variants to time; the fastest is used")
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-kernel profile")
+    p.add_argument("--prefetch-ab", action="store_true", help="also run the optical question with SAM-2 prefetch")
+    p.add_argument("--shared-only", action="store_true", help="throughput: skip the distinct-image batches")
     p.add_argument("--out", default=None, help="folder for bench_gpu.json and bench_gpu.log")
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
@@ -426,6 +428,14 @@ def main(argv: list[str] | None = None) -> int:
         if r:
             results["workloads"].append(r)
         fast_decode.release_decoders(ts.model)
+    if args.prefetch_ab:  # the same question with the SAM-2 prefetch thread on, for comparison
+        os.environ["TERRASCOPE_SAM2_PREFETCH"] = "1"
+        r = guarded("fast:optical:prefetch", bench_workload, ts, "optical", args, log, trace, settings, False)
+        if r:
+            r["path"] = "fast+prefetch"
+            results["prefetch_ab"] = r
+        os.environ.pop("TERRASCOPE_SAM2_PREFETCH", None)
+        fast_decode.release_decoders(ts.model)
     results["naive"] = []
     if not args.no_naive:
         kinds = ["optical"] if dev.type == "cuda" else [w for w in args.workloads.split(",") if w]
@@ -437,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     # 4. throughput
     results["throughput"] = []
     for b in [int(x) for x in args.batches.split(",") if x]:
-        for shared in (True, False):
+        for shared in (True,) if args.shared_only else (True, False):
             if b == 1 and not shared:
                 continue  # one question: shared and distinct are the same run
             r = guarded(f"throughput:{b}:{shared}", bench_throughput, ts, b, shared, args, log, trace, settings)
@@ -463,7 +473,7 @@ def table(r: dict[str, Any], log: Log) -> None:
             f"preprocess {opt['preprocess_ms']:.1f} ms)")
         log(f"  decode             {opt['decode_ms_per_token']:8.2f} ms/token (injections included)")
         if r.get("sam2_encode_ms"):
-            log(f"  SAM-2 encode       {r['sam2_encode_ms']:8.1f} ms (once per image, overlapped with decoding)")
+            log(f"  SAM-2 encode       {r['sam2_encode_ms']:8.1f} ms (once per image)")
         per_seg = (opt["seg_total_ms"] + opt.get("seg_wait_ms", 0)) / max(1, opt["seg"])
         log(f"  per [SEG]          {per_seg:8.1f} ms (mask decoder + selection + injection; host-visible)")
         log(f"  end to end         {opt['e2e_s']:8.3f} s/question")
@@ -474,6 +484,10 @@ def table(r: dict[str, Any], log: Log) -> None:
         if w:
             log(f"{kind:<12} e2e {w['e2e_s']:.3f} s, prefill {w['prefill_ms']:.1f} ms, decode "
                 f"{w['decode_ms_per_token']:.2f} ms/token, peak {w.get('peak_gib', 0):.2f} GiB")
+    ab = r.get("prefetch_ab")
+    if ab and opt:
+        log(f"SAM-2 prefetch thread: e2e {ab['e2e_s']:.3f} s vs {opt['e2e_s']:.3f} s without; [SEG] handling "
+            f"{ab['seg_total_ms']:.0f} ms vs {opt['seg_total_ms']:.0f} ms")
     for kind, n in naive.items():
         f = fast.get(kind)
         ratio = n["e2e_s"] / f["e2e_s"] if f else float("nan")

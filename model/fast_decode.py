@@ -914,6 +914,9 @@ class _RowState:
 class _SamPrefetch:
     """SAM-2 embeddings of every image in a batch, encoded by a background thread on a side stream.
 
+    Off by default (``TERRASCOPE_SAM2_PREFETCH=1`` turns it on): on an H100 it made the [SEG] handling
+    slower, not faster (see docs/PERFORMANCE.md); without it SAM-2 encodes lazily at the first [SEG].
+
     The image encoder is compute-bound and decoding is bandwidth-bound, so the two overlap on the GPU; the
     host-side 1024-px resize runs off the decode thread too. The first [SEG] then only waits on an event.
     CUDA only; the features land in each context's ``sam_cache`` exactly as ``Generator.sam_features``
@@ -1141,7 +1144,7 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
 
     stats = DecodeStats()
     prefetch = None
-    if model.device.type == "cuda" and os.environ.get("TERRASCOPE_SAM2_PREFETCH", "1") != "0":
+    if model.device.type == "cuda" and os.environ.get("TERRASCOPE_SAM2_PREFETCH", "0") == "1":
         prefetch = _SamPrefetch(gen, list({id(q.ctx): q.ctx for q in questions}.values()))
     try:
         outs = dec.generate(rows, dsettings, _seg_handler(gen, states, prefetch), on_token=on_tok,
