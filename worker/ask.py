@@ -37,14 +37,54 @@ def _roles(args: argparse.Namespace) -> list[tuple[Path, str]]:
     return items
 
 
-def _remote_payloads(items: list[tuple[Path, str]], max_side: int) -> list[P.RasterPayload]:
+def _windows(args: argparse.Namespace) -> dict | None:
+    """``settings.windows`` from the flags, or None (the worker's default: auto)."""
+    if args.windows is None and args.window_size is None and args.window_overlap is None:
+        return None
+    out: dict[str, Any] = {"mode": args.windows or "auto"}
+    if args.window_size is not None:
+        out["tile"] = args.window_size
+    if args.window_overlap is not None:
+        out["overlap"] = args.window_overlap
+    return out
+
+
+def _full_grid(items: list[tuple[Path, str]], args: argparse.Namespace, client: WorkerClient) -> bool:
+    """Whether to send rasters on their own full grid (windowed mode) rather than decimated to --max-side.
+
+    ``on``: always. ``auto``: when the largest raster exceeds --max-side and the worker's window threshold
+    (from ``info``), i.e. exactly when the worker will answer it in windows.
+    """
+    mode = (_windows(args) or {}).get("mode", "auto")
+    if mode == "off":
+        return False
+    if mode == "on":
+        return True
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    try:
+        longest = 0
+        for path, _ in items:
+            with rasterio.open(path) as ds:
+                longest = max(longest, ds.width, ds.height)
+    except RasterioIOError as exc:
+        raise CliError(f"cannot open raster: {exc}") from None
+    if longest <= args.max_side:
+        return False
+    threshold = (client.info().get("limits") or {}).get("window_threshold")
+    return isinstance(threshold, int) and longest > threshold
+
+
+def _remote_payloads(items: list[tuple[Path, str]], max_side: int | None) -> list[P.RasterPayload]:
+    """Rasters read here and sent as arrays: decimated to ``max_side``, or on their full grid with None."""
     from worker.measure import RasterError
     from worker.raster import read_raster
 
     out = []
     for path, role in items:
         try:
-            data, georef, nodata, names = read_raster(str(path), max_side=max_side)
+            data, georef, nodata, names = read_raster(str(path), max_side=max_side or 1 << 30)
         except RasterError as exc:
             raise CliError(f"{path}: {exc.message}") from None
         out.append(P.RasterPayload(data=data, geotransform=list(georef.to_gdal()), crs_wkt=georef.crs_wkt,
@@ -61,7 +101,9 @@ class _Printer:
 
     def __call__(self, ev: dict, arrays: dict) -> None:
         name = ev.get("event")
-        if name == "token" and self.stream is not None:
+        if name == "progress" and self.stream is not None:
+            self._progress(ev)
+        elif name == "token" and self.stream is not None:
             self.stream.write(ev.get("text", "").replace("<REGION>", ""))  # injected region tokens: noise here
             self.stream.flush()
         elif name == "mask":
@@ -70,6 +112,19 @@ class _Printer:
                 m = ev.get("measurements") or {}
                 self.stream.write(f" «mask {ev['step'] + 1}: {ev.get('label') or '?'} — {_fmt(m)}» ")
                 self.stream.flush()
+
+
+    def _progress(self, ev: dict) -> None:
+        """Sliding-window mode: a header before each window's reasoning, a line when stitching starts."""
+        if ev.get("stage") == "window" and ev.get("state") in ("started", "skipped"):
+            w = ev.get("window") or {}
+            where = (f"rows {w.get('row_off')}-{w.get('row_off', 0) + w.get('height', 0) - 1}, "
+                     f"cols {w.get('col_off')}-{w.get('col_off', 0) + w.get('width', 0) - 1}")
+            tail = f" skipped: {ev.get('reason')}" if ev.get("state") == "skipped" else ""
+            self.stream.write(f"\n[window {ev.get('index', 0) + 1}/{ev.get('count')}: {where}]{tail}\n")
+        elif ev.get("stage") == "stitch":
+            self.stream.write(f"\n[stitching {ev.get('steps', 0)} mask step(s) over the whole raster]\n")
+        self.stream.flush()
 
 
 def _fmt(m: dict) -> str:
@@ -95,12 +150,16 @@ def _write(out: str, question: str, done: dict, masks: list[tuple[dict, np.ndarr
 
 def run_ask(args: argparse.Namespace) -> int:
     items = _roles(args)
-    settings = {"max_new_tokens": args.max_new_tokens}
+    settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
+    windows = _windows(args)
+    if windows is not None:
+        settings["windows"] = windows
     service, tmp = None, None
     if args.endpoint:
-        header, arrays = P.build_ask(args.question, _remote_payloads(items, args.max_side), args.option or None,
-                                     settings, measure_grounding=args.ground)
         client = _client(args)
+        full = _full_grid(items, args, client)
+        header, arrays = P.build_ask(args.question, _remote_payloads(items, None if full else args.max_side),
+                                     args.option or None, settings, measure_grounding=args.ground)
         if args.forced_prefix:
             header["forced_prefix"] = args.forced_prefix
     else:
@@ -162,12 +221,18 @@ def _report(args: argparse.Namespace, done: dict, masks: list[tuple[dict, np.nda
             "reasoning": done.get("reasoning"), "text": done.get("text"), "masks": rows,
             "measurements": done.get("measurements"), "timings_ms": done.get("timings_ms"), "model": done.get("model"),
             "gpkg": files["gpkg"] if files else None,
+            # sliding-window mode only (null otherwise): each window's own answer, and how it was tiled
+            "windows": done.get("windows"), "windowed": done.get("windowed"),
         }
         print(json.dumps(P.json_safe(obj), ensure_ascii=False))
         return
     out = sys.stdout
     out.write("\n\n")
     out.write(f"Answer: {done.get('answer')}" + (f"  (option {done['choice']})" if done.get("choice") else "") + "\n")
+    for w in done.get("windows") or []:
+        if w.get("state") == "answered":
+            out.write(f"  window {w['index'] + 1}: {w.get('answer') or '(no answer text)'}"
+                      + (f"  (option {w['choice']})" if w.get("choice") else "") + "\n")
     for (ev, _), r in zip(masks, rows):
         out.write(f"  mask {r['step'] + 1} [{r['label']}]: {_fmt(ev.get('measurements') or {})}\n")
     if files:

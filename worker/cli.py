@@ -103,6 +103,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         curve_in_front=args.pool_curve,
         model_label=model,
         job_memory_budget=args.job_memory_budget_bytes,
+        windows=window_defaults(args),
     )
     _apply_memory_limit(args.memory_limit_bytes)
     service = WorkerService(config, model_loader(model, args.device, args.dtype))
@@ -118,6 +119,26 @@ def cmd_worker(args: argparse.Namespace) -> int:
     while not service.wait(0.5):
         pass
     return 0
+
+
+def window_defaults(args: argparse.Namespace) -> Any:
+    """The worker's sliding-window defaults from its flags, checked here so a typo fails at start."""
+    from worker.windows import MAX_TILE, MIN_TILE, WindowDefaults
+
+    d = WindowDefaults()
+    tile = d.tile if args.window_size is None else args.window_size
+    overlap = args.window_overlap
+    if overlap is None:
+        overlap = d.overlap if args.window_size is None else tile // 8
+    threshold = d.threshold if args.window_threshold is None else args.window_threshold
+    most = d.max_windows if args.max_windows is None else args.max_windows
+    if not MIN_TILE <= tile <= MAX_TILE:
+        raise CliError(f"--window-size must be between {MIN_TILE} and {MAX_TILE} px")
+    if not 0 <= overlap < tile:
+        raise CliError("--window-overlap must be >= 0 and smaller than --window-size")
+    if threshold < 1 or most < 1:
+        raise CliError("--window-threshold and --max-windows must be positive")
+    return WindowDefaults(threshold=threshold, tile=tile, overlap=overlap, max_windows=most)
 
 
 def zmq_error_types() -> tuple[type[BaseException], ...]:
@@ -145,8 +166,11 @@ def _run_pool(args: argparse.Namespace, model: str, secret: bytes | None, client
     per_gpu = max(1, args.workers) if args.gpus else args.workers
     slots = [g for g in gpus for _ in range(per_gpu)]
     device = "cuda" if args.gpus else args.device
+    wd = window_defaults(args)  # fail here, not in every member
     member = ["--model", model, "--device", device, "--max-queue", str(args.max_queue),
-              "--max-message-bytes", str(args.max_message_bytes), "--max-side", str(args.max_side)]
+              "--max-message-bytes", str(args.max_message_bytes), "--max-side", str(args.max_side),
+              "--window-threshold", str(wd.threshold), "--window-size", str(wd.tile),
+              "--window-overlap", str(wd.overlap), "--max-windows", str(wd.max_windows)]
     if args.dtype:
         member += ["--dtype", args.dtype]
     if args.memory_limit_bytes:
@@ -303,6 +327,14 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-queue", type=int, default=8, help="jobs waiting per worker before 'busy'")
     w.add_argument("--max-message-bytes", type=int, default=P.Limits().max_message_bytes)
     w.add_argument("--max-side", type=int, default=2048, help="longest side of the model's view of a raster")
+    # defaults live in worker.windows.WindowDefaults (not imported here: it would slow every command's start)
+    w.add_argument("--window-threshold", type=int, default=None, metavar="PX",
+                   help="sliding windows (mode auto) when a request grid's longer side exceeds this (default 4096)")
+    w.add_argument("--window-size", type=int, default=None, metavar="PX",
+                   help="default window side on the request grid (default 2048)")
+    w.add_argument("--window-overlap", type=int, default=None, metavar="PX",
+                   help="default overlap of neighbouring windows (default 256, or 1/8 of --window-size)")
+    w.add_argument("--max-windows", type=int, default=None, help="most windows one request may need (default 100)")
     w.add_argument("--allow-path", action="append", default=[], metavar="DIR",
                    help="folder whose files clients may name by path (default: none)")
     w.add_argument("--curve-secret", help="server secret key file: enables CURVE (required off loopback)")
@@ -333,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measurement grounding: feed each mask's measured area back into the reasoning")
     a.add_argument("--no-ground", dest="ground", action="store_false")
     a.add_argument("--forced-prefix", help="teacher-force the start of the reply (tests and demos)")
+    a.add_argument("--windows", choices=["auto", "on", "off"], default=None,
+                   help="sliding-window mode for very large rasters (default: the worker's, i.e. auto)")
+    a.add_argument("--window-size", type=int, default=None, metavar="PX",
+                   help="window side on the raster's own grid (default: the worker's, 2048)")
+    a.add_argument("--window-overlap", type=int, default=None, metavar="PX",
+                   help="overlap of neighbouring windows (default: the worker's, or 1/8 of --window-size)")
     _add_client_opts(a, endpoint_default=None)
     a.set_defaults(func=cmd_ask)
 

@@ -33,6 +33,7 @@ import zmq
 from model.types import AnswerResult, GenerationSettings, ImageInput, MaskStep
 from qgis_plugin import protocol as P
 from worker import validate as V
+from worker.windows import WindowDefaults
 
 log = logging.getLogger("terrascope.worker")
 
@@ -76,6 +77,8 @@ class ServiceConfig:
     # peak RSS one job may add before it fails with MemoryError -> "oom" (checked each decode step): a
     # soft host-memory cap, and how the reliability tests simulate running out of memory mid-generation.
     job_memory_budget: int | None = None
+    # sliding-window mode (worker/windows.py): when "auto" windows a request, and the default tiles
+    windows: WindowDefaults = field(default_factory=WindowDefaults)
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -325,6 +328,8 @@ class WorkerService:
         try:
             if self.state != "ready":
                 raise P.ProtocolError(P.MODEL_UNAVAILABLE, f"the model is not available: {self.load_error}", req.id)
+            if self._answer_windowed(job, push):
+                return
             result, steps_out, prep_ms = self._answer(job, push)
             if result.stopped == "cancelled" or job.cancel.is_set():
                 self._emit(push, job, P.error_event(req.id, P.CANCELLED, "the request was cancelled"))
@@ -363,6 +368,53 @@ class WorkerService:
                 log.error("request %s failed:\n%s", req.id, traceback.format_exc())
                 self._emit(push, job, P.error_event(req.id, P.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"))
 
+    def _answer_windowed(self, job: Job, push: zmq.Socket) -> bool:
+        """Sliding-window mode (worker/windows.py); False when the request is answered in one view."""
+        from worker.windows import WindowedRun, plan_windows
+
+        req = job.request
+        t0 = time.monotonic()
+        plan = plan_windows(req, self.config.windows)
+        if plan is None:
+            return False
+        plan_ms = (time.monotonic() - t0) * 1000
+        run = WindowedRun(self.model, req, plan, self.config.max_side,
+                          lambda header, arrays: self._emit(push, job, header, arrays), self._stopper(job))
+        fields = run.run()
+        if fields["stopped"] == "cancelled" or job.cancel.is_set():
+            self._emit(push, job, P.error_event(req.id, P.CANCELLED, "the request was cancelled"))
+            return True
+        timings = {"queue": (job.started - job.received) * 1000, "plan": plan_ms}
+        timings.update(fields.pop("timings_ms"))
+        timings["total"] = (time.monotonic() - job.received) * 1000
+        done = P.event("done", req.id, **fields, timings_ms={k: round(v, 3) for k, v in timings.items()},
+                       model={k: self._model_info.get(k) for k in ("name", "preset", "device", "dtype")},
+                       worker={"pid": os.getpid()})
+        self._emit(push, job, done)
+        self.stats["answered"] += 1
+        return True
+
+    def _stopper(self, job: Job) -> Callable[[], bool]:
+        """The job's ``should_stop``: cancel, shutdown, or (with a budget) its peak memory growth -> MemoryError.
+
+        With a budget the peak is counted from here, on a trimmed heap: deterministic across jobs.
+        """
+        budget, rss0 = self.config.job_memory_budget, None
+        if budget is not None:
+            _trim()
+            _start_peak_window()
+            rss0 = _rss()
+
+        def should_stop() -> bool:
+            if budget is not None and rss0 is not None:
+                grown = (_peak_rss() or rss0) - rss0
+                if grown > budget:
+                    raise MemoryError(f"the job's memory budget of {budget / 2**20:.0f} MiB was exceeded "
+                                      f"(+{grown / 2**20:.0f} MiB)")
+            return job.cancel.is_set() or self._stop.is_set()
+
+        return should_stop
+
     def _prepare(self, req: V.AskRequest) -> list[Any]:
         from worker.raster import prepare_array, read_raster
 
@@ -392,11 +444,7 @@ class WorkerService:
 
         req = job.request
         t0 = time.monotonic()
-        budget, rss0 = self.config.job_memory_budget, None
-        if budget is not None:  # count this job's peak from a clean heap: deterministic across jobs
-            _trim()
-            _start_peak_window()
-            rss0 = _rss()
+        should_stop = self._stopper(job)
         prepared = self._prepare(req)
         prep_ms = (time.monotonic() - t0) * 1000
         images = [ImageInput(pixels=p.pixels, role=im.role) for p, im in zip(prepared, req.images)]
@@ -440,14 +488,6 @@ class WorkerService:
         def grounding(step: MaskStep) -> str | None:
             meas = measure(step)[1]
             return meas.get("grounding")
-
-        def should_stop() -> bool:
-            if budget is not None and rss0 is not None:
-                grown = (_peak_rss() or rss0) - rss0
-                if grown > budget:
-                    raise MemoryError(f"the job's memory budget of {budget / 2**20:.0f} MiB was exceeded "
-                                      f"(+{grown / 2**20:.0f} MiB)")
-            return job.cancel.is_set() or self._stop.is_set()
 
         assert self.model is not None
         extra = {"forced_prefix": req.forced_prefix} if req.forced_prefix else {}
@@ -839,7 +879,8 @@ class WorkerService:
             gpu=gpu_info() if self.state == "ready" else None,  # torch may be half-imported while loading
             versions=versions(complete=self.state != "loading"),
             limits=self.config.limits.to_dict() | {"max_queue": self.config.max_queue,
-                                                    "max_side": self.config.max_side},
+                                                    "max_side": self.config.max_side}
+            | self.config.windows.to_dict(),
             protocol_version=P.PROTOCOL_VERSION,
             pid=os.getpid(),
             pool_size=self.config.pool_size,

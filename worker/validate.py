@@ -21,9 +21,11 @@ import numpy as np
 from model.types import GenerationSettings
 from qgis_plugin import protocol as P
 from worker.measure import Georef, RasterError
+from worker.windows import MAX_TILE, MIN_TILE, WINDOW_MODES, WindowSettings
 
 _TIME_ROLE = re.compile(r"^t(0|[1-9][0-9]?)$")
-_SETTINGS_KEYS = {"max_new_tokens", "max_seg", "temperature", "injection", "max_tokens_per_seg", "seed"}
+_SETTINGS_KEYS = {"max_new_tokens", "max_seg", "temperature", "injection", "max_tokens_per_seg", "seed", "windows"}
+_WINDOW_KEYS = {"mode", "tile", "overlap"}
 MAX_NEW_TOKENS = 8192
 MAX_CRS_CHARS = 64_000
 MAX_BANDS = 64
@@ -52,6 +54,7 @@ class AskRequest:
     measure_grounding: bool = False
     client_heartbeat_s: float | None = None
     forced_prefix: str | None = None  # teacher-forced start of the reply (tests, demos)
+    windows: WindowSettings = field(default_factory=WindowSettings)  # sliding-window mode (settings.windows)
 
 
 def _err(code: str, message: str, rid: str | None) -> P.ProtocolError:
@@ -114,6 +117,32 @@ def _settings(raw: Any, rid: str) -> GenerationSettings:
     if "seed" in raw:
         s.seed = int(_number(raw["seed"], "settings.seed", rid, 0, 2**63 - 1, True))
     return s
+
+
+def _windows(raw: Any, rid: str) -> WindowSettings:
+    """``settings.windows``: {"mode": auto|on|off, "tile": px, "overlap": px}, every key optional."""
+    if raw is None:
+        return WindowSettings()
+    if isinstance(raw, str):  # shorthand: "windows": "on"
+        raw = {"mode": raw}
+    if not isinstance(raw, dict):
+        raise _err(P.BAD_FIELD, "'settings.windows' must be an object like {\"mode\": \"auto\"}", rid)
+    unknown = set(raw) - _WINDOW_KEYS
+    if unknown:
+        raise _err(P.BAD_FIELD, f"unknown settings.windows keys: {', '.join(sorted(map(str, unknown)))}", rid)
+    mode = raw.get("mode", "auto")
+    if mode not in WINDOW_MODES:
+        raise _err(P.BAD_FIELD, f"'settings.windows.mode' must be one of {', '.join(WINDOW_MODES)}", rid)
+    tile = raw.get("tile")
+    if tile is not None:
+        tile = int(_number(tile, "settings.windows.tile", rid, MIN_TILE, MAX_TILE, True))
+    overlap = raw.get("overlap")
+    if overlap is not None:
+        overlap = int(_number(overlap, "settings.windows.overlap", rid, 0, MAX_TILE - 1, True))
+        if tile is not None and overlap >= tile:
+            raise _err(P.BAD_FIELD, f"'settings.windows.overlap' ({overlap}) must be smaller than the tile ({tile})",
+                       rid)
+    return WindowSettings(mode, tile, overlap)
 
 
 def _options(raw: Any, rid: str, limits: P.Limits) -> list[str] | None:
@@ -266,6 +295,8 @@ def validate_ask(
         images=images,
         options=options,
         settings=_settings(header.get("settings"), rid),
+        windows=_windows(header["settings"].get("windows") if isinstance(header.get("settings"), dict) else None,
+                         rid),
         measure_grounding=grounding,
         client_heartbeat_s=hb,
     )
