@@ -136,3 +136,17 @@ def test_sizes_stay_compact(built: Path) -> None:
     images = list((built / "images").glob("*.tif"))
     assert meta["bytes"] < 15e6 and images
     assert np.mean([p.stat().st_size for p in images]) < 200_000
+
+
+def test_build_is_deterministic_for_a_seed(tmp_path: Path) -> None:
+    from model.data import procedural
+    from model.data.build import synthesize
+
+    outs = []
+    for run in range(2):
+        rng = np.random.default_rng(11)
+        scenes = [procedural.landcover(rng, 0), procedural.settlement(rng, 1)]
+        scenes[0].split, scenes[1].split = "train", "val"
+        synthesize(scenes, tmp_path / f"run{run}", 40, 20, rng, log=lambda *_: None)
+        outs.append([(tmp_path / f"run{run}" / f).read_text() for f in ("train.jsonl", "val.jsonl", "tiles.json")])
+    assert outs[0] == outs[1]
