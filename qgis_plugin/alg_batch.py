@@ -212,7 +212,8 @@ class AskBatchAlgorithm(TerraScopeAlgorithm):
             try:
                 record = ask_windows(conn.client, question, windows, options,
                                      settings.generation(), context.transformContext(),
-                                     ellipsoid_of(context), feedback.isCanceled)
+                                     ellipsoid_of(context), feedback.isCanceled,
+                                 measure_grounding=settings.measure_grounding)
                 areas = [s.area_ha for s in record.steps]
                 values.update(answer=record.answer, choice=record.choice or "", reasoning=record.reasoning,
                               steps=len(record.steps), area_ha=sum(a or 0.0 for a in areas),

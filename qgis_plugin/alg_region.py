@@ -95,7 +95,8 @@ class AskRegionAlgorithm(TerraScopeAlgorithm):
                 windows.append(read_layer(lay, lay_region, max_side, role))
             feedback.setProgress(10)
             record = ask_windows(conn.client, question, windows, options, settings.generation(),
-                                 context.transformContext(), ellipsoid_of(context), feedback.isCanceled)
+                                 context.transformContext(), ellipsoid_of(context), feedback.isCanceled,
+                                 measure_grounding=settings.measure_grounding)
         except (WorkerError, WorkerUnavailable, RasterReadError, ValueError) as exc:
             raise QgsProcessingException(describe(exc)) from None
         finally:

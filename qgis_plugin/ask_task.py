@@ -58,6 +58,7 @@ class AskSpec:
     context: QgsCoordinateTransformContext = field(default_factory=QgsCoordinateTransformContext)
     ellipsoid: str = "EPSG:7030"
     wait_ready_s: float = 0.0  # > 0 while a local worker is still loading its model
+    measure_grounding: bool = False
 
 
 def rasterize_geometry(geometry: QgsGeometry, window: RasterWindow) -> np.ndarray:
@@ -111,7 +112,8 @@ class AskTask(QgsTask):
             self.windows = [self._read(s, max_side) for s in self.spec.sources]
             self.previews = [rgb_preview(w) for w in self.windows]
             self.setProgress(8)
-            header, arrays = build_request(self.spec.question, self.windows, self.spec.options, self.spec.settings)
+            header, arrays = build_request(self.spec.question, self.windows, self.spec.options, self.spec.settings,
+                                           self.spec.measure_grounding)
             folder = EventFolder(self.record, self.windows)
             self.stageChanged.emit("Thinking…")
             client.ask(header, arrays, on_event=lambda ev, arr: self._on_event(folder, ev, arr),

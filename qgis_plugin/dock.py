@@ -12,6 +12,7 @@ from qgis.core import (
     QgsTask,
 )
 from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsMapLayerComboBox, QgsMapToolExtent
+from qgis.PyQt import sip
 from qgis.PyQt.QtCore import QStandardPaths, Qt, pyqtSignal
 from qgis.PyQt.QtGui import QImage
 from qgis.PyQt.QtWidgets import (
@@ -114,6 +115,7 @@ class AskDock(QgsDockWidget):
         self._map_tool: QgsMapToolExtent | None = None
         self._renderer: WebRenderer | None = None
         self._reloads: list[LoadResultsTask] = []
+        self._connections: tuple = ()
         self._build()
         manager.statusChanged.connect(self.show_status)
         manager.workerDied.connect(self._on_worker_died)
@@ -455,17 +457,17 @@ class AskDock(QgsDockWidget):
         spec = AskSpec(question=question, sources=sources, options=options,
                        settings=settings.generation(), max_side=settings.max_side,
                        results_dir=results_folder(settings), context=project.transformContext(),
-                       ellipsoid=effective_ellipsoid(project.ellipsoid()), wait_ready_s=wait)
+                       ellipsoid=effective_ellipsoid(project.ellipsoid()), wait_ready_s=wait,
+                       measure_grounding=settings.measure_grounding)
         keys = self.manager.keys
         task = AskTask(spec, lambda: make_client(settings, keys))
         self.current = task.record
         self.output.clear()
-        task.textDelta.connect(self.output.append_text)
-        task.stepReady.connect(self._on_step)
-        task.stageChanged.connect(self.progress.setFormat)
-        task.progressChanged.connect(lambda v: self.progress.setValue(int(v)))
-        task.taskCompleted.connect(lambda t=task: self._on_finished(t))
-        task.taskTerminated.connect(lambda t=task: self._on_finished(t))
+        self._connect(task, [(task.textDelta, self.output.append_text), (task.stepReady, self._on_step),
+                             (task.stageChanged, self.progress.setFormat),
+                             (task.progressChanged, lambda v: self.progress.setValue(int(v))),
+                             (task.taskCompleted, lambda t=task: self._on_finished(t)),
+                             (task.taskTerminated, lambda t=task: self._on_finished(t))])
         self.task = task
         self._set_running(True)
         if renders:
@@ -493,6 +495,27 @@ class AskDock(QgsDockWidget):
             task.record.error = one_line(message)
             self.show_banner(message, offer_restart=False)
             self._finish_record(task.record, failed=True)
+
+    def _connect(self, task: AskTask, pairs: list) -> None:
+        """Connect the task's signals to this dock, remembering them: a task that outlives the dock
+        (plugin unload mid-answer) must not call into deleted widgets."""
+        for signal, slot in pairs:
+            signal.connect(slot)
+        self._connections = (task, pairs)
+
+    def _disconnect(self) -> None:
+        """Drop the connections to a still-running task (the task manager deletes finished tasks)."""
+        if not self._connections:
+            return
+        task, pairs = self._connections
+        self._connections = ()
+        if sip.isdeleted(task) or task.status() in (QgsTask.Complete, QgsTask.Terminated):
+            return
+        for signal, slot in pairs:
+            try:
+                signal.disconnect(slot)
+            except (TypeError, RuntimeError):
+                pass
 
     def _ensure_worker(self, settings: PluginSettings) -> float:
         """Auto-start a local worker when none answers; returns how long the task may wait for it."""
@@ -543,6 +566,8 @@ class AskDock(QgsDockWidget):
             self.task = None
 
     def _on_finished(self, task: AskTask) -> None:
+        if self._connections and self._connections[0] is task:
+            self._connections = ()  # the task manager deletes the task after this
         if self.task is not task:
             return  # already reported (worker died) or superseded
         self.task = None
@@ -626,10 +651,19 @@ class AskDock(QgsDockWidget):
 
     # --- teardown ---------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Cancel a running ask and disconnect from the manager (plugin unload)."""
+        """Cancel a running ask and disconnect from it and the manager (plugin unload)."""
+        self._disconnect()
+        if self._renderer is not None:
+            self._renderer.cancel()
+            self._renderer = None
         if self.task is not None:
             self.task.cancel()
             self.task = None
+        for reload in self._reloads:
+            try:
+                reload.loaded.disconnect()
+            except TypeError:
+                pass
         try:
             self.manager.statusChanged.disconnect(self.show_status)
             self.manager.workerDied.disconnect(self._on_worker_died)

@@ -125,10 +125,10 @@ def _abandon(client: WorkerClient, started: StartedWorker | None) -> None:
 def ask_windows(client: WorkerClient, question: str, windows: list[RasterWindow], options: list[str] | None,
                 settings: dict, context: QgsCoordinateTransformContext, ellipsoid: str,
                 is_cancelled: Callable[[], bool] = lambda: False,
-                on_text: Callable[[str], None] | None = None) -> AskRecord:
+                on_text: Callable[[str], None] | None = None, measure_grounding: bool = False) -> AskRecord:
     """Ask synchronously and return the measured record (raises WorkerError / WorkerUnavailable)."""
     record = AskRecord(question=question, options=list(options or []), layer_names=[w.name for w in windows])
-    header, arrays = build_request(question, windows, options, settings)
+    header, arrays = build_request(question, windows, options, settings, measure_grounding)
     folder = EventFolder(record, windows)
 
     def on_event(ev: dict, arr: dict) -> None:

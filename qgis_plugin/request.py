@@ -71,7 +71,8 @@ def payload(window: RasterWindow) -> P.RasterPayload:
 
 
 def build_request(question: str, windows: list[RasterWindow], options: list[str] | None = None,
-                  settings: dict | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+                  settings: dict | None = None, measure_grounding: bool = False
+                  ) -> tuple[dict, dict[str, np.ndarray]]:
     """Header and arrays of an ``ask`` (raises ValueError with a one-line reason for bad input)."""
     if not question.strip():
         raise ValueError("Type a question first.")
@@ -81,7 +82,7 @@ def build_request(question: str, windows: list[RasterWindow], options: list[str]
     if len(opts) == 1:
         raise ValueError("Give at least two options, or none.")
     return P.build_ask(question.strip(), [payload(apply_region_mask(w)) for w in windows], options=opts or None,
-                       settings=settings or None)
+                       settings=settings or None, measure_grounding=measure_grounding)
 
 
 def series_roles(count: int) -> list[str]:

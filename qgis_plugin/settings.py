@@ -39,6 +39,7 @@ class PluginSettings:
     temperature: float = 0.0  # 0 = greedy (reproducible); > 0 samples
     seed: int = 0  # sampling seed (with temperature > 0)
     max_seg: int = 20  # most [SEG] steps per answer (generation stops after the last one)
+    measure_grounding: bool = True  # feed each mask's measured area back into the reasoning
 
     def validate(self) -> None:
         """Raise SettingsError naming the first unusable value."""

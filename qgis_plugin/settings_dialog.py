@@ -115,6 +115,10 @@ class SettingsDialog(QDialog):
         self.temperature.setSingleStep(0.1)
         self.temperature.setValue(s.temperature)
         self.temperature.setToolTip("0 = greedy: the same question on the same pixels gives the same answer")
+        self.grounding = QCheckBox("Feed measured areas back into the reasoning", box)
+        self.grounding.setChecked(s.measure_grounding)
+        self.grounding.setToolTip("After each [SEG], the worker measures the mask and the model continues with "
+                                  "the measured numbers (measurement grounding)")
         self.seed = QSpinBox(box)
         self.seed.setRange(0, 2**31 - 1)
         self.seed.setValue(s.seed)
@@ -125,6 +129,7 @@ class SettingsDialog(QDialog):
         form.addRow("Most [SEG] steps", self.max_seg)
         form.addRow("Temperature", self.temperature)
         form.addRow("Seed", self.seed)
+        form.addRow(self.grounding)
         return box
 
     def _local_box(self, s: PluginSettings) -> QGroupBox:
@@ -241,6 +246,7 @@ class SettingsDialog(QDialog):
         s = replace(self.original, endpoint=self.endpoint.text().strip(), request_timeout_s=self.timeout.value(),
                     max_side=self.max_side.value(), max_new_tokens=self.max_tokens.value(),
                     max_seg=self.max_seg.value(), temperature=self.temperature.value(), seed=self.seed.value(),
+                    measure_grounding=self.grounding.isChecked(),
                     auto_start=self.auto_start.isChecked(), python=self.python.filePath().strip(),
                     model=self.model.currentText().strip(), device=self.device.currentText(),
                     start_timeout_s=self.start_timeout.value(), output_dir=self.output_dir.filePath().strip())

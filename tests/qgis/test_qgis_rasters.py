@@ -131,3 +131,17 @@ def test_polygon_region_marks_outside_pixels_invalid(tmp_path):
     floats = apply_region_mask(replace(w, data=w.data.astype(np.float32)))
     assert np.isnan(floats.data[:, outside]).all() and np.isnan(floats.nodata[0])
     assert (floats.data[:, w.region_mask] == 50).all()
+
+
+def test_vrt_and_sar_in_db_read_like_any_raster(tmp_path):
+    from osgeo import gdal
+
+    db = (np.random.default_rng(3).normal(-15, 4, size=(2, 20, 24))).astype(np.float32)  # VV, VH in dB
+    tif = write_geotiff(tmp_path / "s1.tif", db, GT, 32633, nodata=float("nan"))
+    vrt = gdal.BuildVRT(str(tmp_path / "s1.vrt"), [str(tif)])
+    vrt = None  # noqa: F841 - flush the VRT file
+    layer = QgsRasterLayer(str(tmp_path / "s1.vrt"), "s1 vrt")
+    assert layer.isValid() and layer.dataProvider().name() == "gdal"
+    w = read_window(layer.dataProvider(), None, 1024, role="sar")
+    np.testing.assert_allclose(w.data, db)
+    assert w.role == "sar" and np.isnan(w.nodata[0]) and w.transform == GT
