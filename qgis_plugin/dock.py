@@ -36,6 +36,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from .ask_task import AskSpec, AskTask, SourceSpec
+from .client import WorkerUnavailable
 from .errors import one_line
 from .geometry import effective_ellipsoid
 from .layers import LoadResultsTask, add_results, find_group
@@ -581,7 +582,7 @@ class AskDock(QgsDockWidget):
                 ok = False
         elif not ok:
             record.error = task.error or "The question failed."
-            worker_gone = "not responding" in record.error or "stopped responding" in record.error
+            worker_gone = isinstance(task.exception, WorkerUnavailable)
             if record.error != "Cancelled.":
                 self.show_banner(record.error, offer_restart=worker_gone and self.manager.settings.is_local())
         self._finish_record(record, failed=not ok)

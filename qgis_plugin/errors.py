@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from . import protocol as P
 from .client import WorkerError, WorkerUnavailable
 
@@ -23,6 +25,7 @@ _PREFIX = {
     P.INTERNAL: "The worker failed on this request (it keeps serving): ",
 }
 MAX_CHARS = 300
+_REQUEST_ID = re.compile(r"\s*(?:during |for )?request [0-9a-f]{16,}")  # ids mean nothing to a user
 
 
 def one_line(text: str, max_chars: int = MAX_CHARS) -> str:
@@ -34,7 +37,8 @@ def one_line(text: str, max_chars: int = MAX_CHARS) -> str:
 def describe(exc: BaseException) -> str:
     """A one-line, human message for an exception raised while talking to the worker or reading data."""
     if isinstance(exc, WorkerUnavailable):
-        return one_line(f"The TerraScope worker is not responding: {exc}")
+        text = _REQUEST_ID.sub("", str(exc)).replace("(no message in", "(silent for")
+        return one_line(text[:1].upper() + text[1:] + ". Start or restart the worker, then ask again.")
     if isinstance(exc, WorkerError):
         if exc.code in _BY_CODE:
             return _BY_CODE[exc.code]

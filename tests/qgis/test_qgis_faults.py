@@ -150,7 +150,7 @@ def test_no_worker_and_no_auto_start_is_one_clear_line(plugin, results_dir):
         _dock, _task, finished, _ = _start_ask(plugin, "Is there water?")
         assert process_events_until(lambda: bool(finished), 10)
     error = finished[0].error
-    assert error.startswith("The TerraScope worker is not responding") and _single_line(error), error
+    assert error.startswith("No TerraScope worker reachable at") and _single_line(error), error
     assert probe.max_gap_ms < 100
 
 

@@ -119,4 +119,4 @@ def test_no_worker_is_a_clear_processing_error(plugin, qgis_processing, rasters)
     use_settings(endpoint="tcp://127.0.0.1:9", auto_start=False, request_timeout_s=1.0)
     with pytest.raises(QgsProcessingException) as err:
         _run("terrascope:ask_region", {"INPUT": rasters[0], "QUESTION": "x", "OUTPUT": "TEMPORARY_OUTPUT"})
-    assert "not responding" in str(err.value) and "\n" not in str(err.value)
+    assert "No TerraScope worker reachable" in str(err.value) and "\n" not in str(err.value)
