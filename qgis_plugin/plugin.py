@@ -45,7 +45,14 @@ class TerraScopePlugin:
         self.provider: TerraScopeProvider | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
+    def initProcessing(self) -> None:
+        """Register the Processing provider (all that qgis_process and headless QGIS call)."""
+        if self.provider is None:
+            self.provider = TerraScopeProvider()
+            QgsApplication.processingRegistry().addProvider(self.provider)
+
     def initGui(self) -> None:
+        self.initProcessing()
         self.manager = WorkerManager(load_settings())
         icon = plugin_icon()
         window = self.iface.mainWindow()
@@ -60,8 +67,6 @@ class TerraScopePlugin:
         self.layer_action.setObjectName(ACTION_PREFIX + "layer")
         self.layer_action.triggered.connect(self.ask_about_current_layer)
         self.iface.addCustomActionForLayerType(self.layer_action, "", QgsMapLayerType.RasterLayer, True)
-        self.provider = TerraScopeProvider()
-        QgsApplication.processingRegistry().addProvider(self.provider)
 
     def _action(self, name: str, icon: QIcon, text: str, slot, parent) -> QAction:
         action = QAction(icon, text, parent)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import importlib
 import sys
 import zipfile
 
@@ -78,7 +77,11 @@ def test_right_click_action_opens_the_dock_on_that_layer(plugin, qgis_iface, rea
     assert plugin.dock.optical_combo.currentLayer() is layer
 
 
-def test_package_zip_installs_and_loads(tmp_path, qgis_iface, qgis_new_project):
+def test_package_zip_installs_and_loads_with_qgis_own_loader(tmp_path, qgis_iface, qgis_new_project):
+    """What Plugin Manager's "Install from ZIP" does: unzip into a plugins folder, then qgis.utils loads it
+    (GUI start), and headless QGIS / qgis_process start only its Processing part."""
+    import qgis.utils
+
     zip_path = package.build(tmp_path / "dist")
     with zipfile.ZipFile(zip_path) as zf:
         names = zf.namelist()
@@ -91,18 +94,28 @@ def test_package_zip_installs_and_loads(tmp_path, qgis_iface, qgis_new_project):
     for field in ("name=TerraScope", "qgisMinimumVersion=3.22", "hasProcessingProvider=yes", "license=", "icon=",
                   "about=", "description=", "version="):
         assert field in metadata
-    # Load it the way QGIS does after "Install from ZIP": import the folder as a top-level package.
-    sys.path.insert(0, str(tmp_path / "plugins"))
+    plugins_dir = str(tmp_path / "plugins")
+    saved_paths = list(qgis.utils.plugin_paths)
+    sys.path.insert(0, plugins_dir)
+    qgis.utils.plugin_paths[:] = [plugins_dir]
     try:
-        mod = importlib.import_module("terrascope")
-        assert mod.__file__.startswith(str(tmp_path))
-        p = mod.classFactory(qgis_iface)
-        p.initGui()
+        qgis.utils.updateAvailablePlugins()
+        assert "terrascope" in qgis.utils.available_plugins
+        assert qgis.utils.pluginMetadata("terrascope", "hasProcessingProvider") == "yes"
+        assert qgis.utils.loadPlugin("terrascope")
+        assert sys.modules["terrascope"].__file__.startswith(plugins_dir)
+        assert qgis.utils.startPlugin("terrascope"), qgis_iface.messageBar().get_messages(2)
         assert QgsApplication.processingRegistry().providerById("terrascope") is not None
-        p.unload()
+        assert qgis.utils.unloadPlugin("terrascope")
+        assert QgsApplication.processingRegistry().providerById("terrascope") is None
+        assert qgis.utils.loadPlugin("terrascope") and qgis.utils.startProcessingPlugin("terrascope")
+        provider = QgsApplication.processingRegistry().providerById("terrascope")
+        assert provider is not None and len(provider.algorithms()) == 2
+        assert qgis.utils.unloadPlugin("terrascope")
         assert QgsApplication.processingRegistry().providerById("terrascope") is None
     finally:
-        sys.path.remove(str(tmp_path / "plugins"))
+        qgis.utils.plugin_paths[:] = saved_paths
+        sys.path.remove(plugins_dir)
         for name in [m for m in sys.modules if m == "terrascope" or m.startswith("terrascope.")]:
             del sys.modules[name]
 
