@@ -348,6 +348,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernels", default="eager,compiled", help="decode-step variants to time; the fastest is used")
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-kernel profile")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--prefetch-ab", action="store_true", help="also run the optical question with SAM-2 prefetch")
     p.add_argument("--shared-only", action="store_true", help="throughput: skip the distinct-image batches")
     p.add_argument("--out", default=None, help="folder for bench_gpu.json and bench_gpu.log")
@@ -376,6 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     dev = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     results: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": sys.argv, "torch": torch.__version__,
         "transformers": transformers.__version__, "python": platform.python_version(),
@@ -387,6 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_grad_enabled(False)
     ts = build(args, log)
     results["params"] = sum(p.numel() for p in ts.model.parameters())
+    from model.preprocess import dynamic_tiles
+
+    _, lay = dynamic_tiles(scene(args.big, args.big, 0), tile=ts.model.config.vision.image_size)
+    results["optical_image"] = (f"{args.big}x{args.big}, {lay.n_grid_tiles} tile(s)"
+                                + (" + thumbnail" if lay.thumbnail else ""))
     trace = forced_trace(ts, args.tokens)
     settings = GenerationSettings(max_new_tokens=4 * args.tokens + 256)
 
@@ -467,7 +475,7 @@ def table(r: dict[str, Any], log: Log) -> None:
     log(f"== bench-gpu {r['date']} | {r['device']} | torch {r['torch']} | transformers {r['transformers']} ==")
     opt = fast.get("optical")
     if opt:
-        log(f"optical 4 tiles + thumbnail, {opt['tokens']}-token trace, {opt['seg']} [SEG] (regions "
+        log(f"optical {r.get('optical_image', '')}, {opt['tokens']}-token trace, {opt['seg']} [SEG] (regions "
             f"{opt['region_tokens']}):")
         log(f"  prefill            {opt['prefill_ms']:8.1f} ms   (vision {opt['vision_ms']:.1f} ms, "
             f"preprocess {opt['preprocess_ms']:.1f} ms)")
