@@ -176,8 +176,9 @@ def ask_messages(draw: st.DrawFn) -> list[Any]:
         header[key] = draw(_FIELDS[key])
     for key in draw(st.lists(st.sampled_from(sorted(_IMAGE_FIELDS)), max_size=2, unique=True)):
         images = header.get("images")
-        if isinstance(images, list) and images and isinstance(images[0], dict):
-            images[draw(st.integers(0, len(images) - 1))][key] = draw(_IMAGE_FIELDS[key])
+        entries = [im for im in images if isinstance(im, dict)] if isinstance(images, list) else []
+        if entries:
+            entries[draw(st.integers(0, len(entries) - 1))][key] = draw(_IMAGE_FIELDS[key])
     head = json.loads(frames[0])
     head.update({k: v for k, v in header.items() if k != "arrays"})
     frames[0] = json.dumps(head, ensure_ascii=True).encode()  # \\u escapes: lone surrogates survive
