@@ -130,6 +130,11 @@ class EventFolder:
         if window.region_mask is not None and window.region_mask.shape == mask.shape:
             mask = mask & window.region_mask
         meas = dict(ev.get("measurements") or {})
+        measured_px = meas.get("area_px")
+        if isinstance(measured_px, int) and int(mask.sum()) != measured_px and window.shape == mask.shape:
+            # The worker measured the mask on valid pixels only but sent it whole: drop the pixels it could not
+            # have counted (nodata, NaN, transparent), so polygons and figures describe the same pixels.
+            mask = mask & valid_pixels(window)
         area = meas.get("area_ha")
         return StepRecord(step=int(ev.get("step", len(self.record.steps))), label=str(ev.get("label", "")),
                           score=float(ev.get("score") or 0.0), mask=mask, transform=transform,  # type: ignore[arg-type]
@@ -150,3 +155,21 @@ class EventFolder:
         r.model = str(model.get("name") or model.get("preset") or r.model)
         r.device = str(model.get("device") or r.device)
 
+
+def valid_pixels(window: RasterWindow) -> np.ndarray:
+    """Pixels with data, by the worker's rules: finite, not nodata in every band, alpha (band 4 of an
+    8-bit 4-band raster, or a band named alpha) not 0."""
+    data = window.data
+    valid = np.ones(window.shape, bool)
+    if np.issubdtype(data.dtype, np.inexact):
+        valid &= np.isfinite(data).all(axis=0)
+    nodata = next((v for v in window.nodata if v is not None and not np.isnan(v)), None)
+    if nodata is not None:
+        valid &= ~np.logical_and.reduce([band == nodata for band in data])
+    names = [n.lower() for n in window.band_names]
+    alpha = next((i for i, n in enumerate(names) if "alpha" in n), None)
+    if alpha is None and data.shape[0] == 4 and data.dtype == np.uint8:
+        alpha = 3
+    if alpha is not None:
+        valid &= data[alpha] != 0
+    return valid

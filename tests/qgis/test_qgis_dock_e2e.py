@@ -164,3 +164,18 @@ def test_layers_survive_saving_and_reopening_the_project(plugin, worker, results
     vector = next(lay for lay in reopened if isinstance(lay, QgsVectorLayer))
     assert vector.crs() == QgsCoordinateReferenceSystem("EPSG:32616")
     assert vector.featureCount() == len(record.steps[0].polygons)
+
+
+def test_nodata_pixels_never_become_mask_area(plugin, worker, results_dir, tmp_path):
+    rng = np.random.default_rng(5)
+    data = rng.integers(200, 4000, size=(3, 96, 96)).astype(np.uint16)
+    data[:, :, :40] = 0  # a scene edge: no data on the west
+    gt = (300000.0, 10.0, 0.0, 5000000.0, 0.0, -10.0)
+    path = write_geotiff(tmp_path / "edge.tif", data, gt, 32632, nodata=0)
+    layer = QgsRasterLayer(str(path), "edge")
+    QgsProject.instance().addMapLayer(layer)
+    _dock, record, _ = _ask_in_dock(plugin, worker, results_dir, [layer], ["optical"])
+    _check_results(record, layer, results_dir)
+    for step in record.steps:
+        assert not step.mask[:, :40].any(), "mask pixels over nodata"
+        assert step.measurements["area_px"] == int(step.mask.sum())
