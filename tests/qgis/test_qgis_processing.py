@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from conftest import use_settings
 from qgis.core import (
@@ -120,3 +121,17 @@ def test_no_worker_is_a_clear_processing_error(plugin, qgis_processing, rasters)
     with pytest.raises(QgsProcessingException) as err:
         _run("terrascope:ask_region", {"INPUT": rasters[0], "QUESTION": "x", "OUTPUT": "TEMPORARY_OUTPUT"})
     assert "No TerraScope worker reachable" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_batch_with_pairs_and_sar_layers(plugin, qgis_processing, worker, tmp_path):
+    use_settings(endpoint=worker.endpoint, auto_start=False, max_side=64, max_new_tokens=4)
+    gt = (500000, 10, 0, 4100000, 0, -10)
+    before = [str(write_geotiff(tmp_path / f"b{i}.tif", scene(32, 32, seed=i), gt, 32631)) for i in range(2)]
+    after = [str(write_geotiff(tmp_path / f"a{i}.tif", scene(32, 32, seed=10 + i), gt, 32631)) for i in range(2)]
+    sar = [str(write_geotiff(tmp_path / f"s{i}.tif", np.full((2, 32, 32), -12.5 - i, np.float32), gt, 32631))
+           for i in range(2)]
+    for extra in ({"PAIR_LAYERS": after}, {"SAR_LAYERS": sar}):
+        result = _run("terrascope:ask_batch", {"INPUTS": before, "QUESTION": "What changed?",
+                                               "OUTPUT": "TEMPORARY_OUTPUT", **extra})
+        rows = list(result["OUTPUT"].getFeatures())
+        assert len(rows) == 2 and all(r["answer"] and not r["error"] for r in rows), [r["error"] for r in rows]
