@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
+import zmq
 from relharness import FIXTURE, WorkerProc, ask, assert_error, assert_served, long_ask, needs_model, scene
 
 from qgis_plugin import protocol as P
@@ -43,6 +44,7 @@ def test_sigkill_mid_answer_is_reported_within_5s_and_a_restarted_worker_serves(
         detected_after = time.monotonic() - killed[0]
         assert "accepted" in seen and "token" in seen and "done" not in seen
         assert detected_after < 5.0, f"the client noticed the dead worker after {detected_after:.1f} s"
+        print(f"\nSIGKILL mid-answer noticed by the client after {detected_after:.2f} s")
         assert "crashed" in str(exc.value) or "stopped responding" in str(exc.value)
         w.proc.wait(5)  # type: ignore[union-attr]
 
@@ -93,6 +95,9 @@ def test_out_of_memory_mid_generation_is_an_oom_error_memory_is_released_and_the
             rss_after.append(w.rss())
             assert_served(raw)  # the next request succeeds
         assert min(peaks) > rss0 + BUDGET, "the big request never went over the budget"
+        print(f"\nOOM: RSS {rss0 / 2**20:.0f} MiB before, job peaks +{(min(peaks) - rss0) / 2**20:.0f}.."
+              f"+{(max(peaks) - rss0) / 2**20:.0f} MiB (budget {BUDGET >> 20}), after each OOM "
+              f"{', '.join(f'{(r - rss0) / 2**20:+.0f}' for r in rss_after)} MiB")
         # released: after each failure the worker holds less than one budget more than before it
         assert rss_after[0] - rss0 < BUDGET, (rss0, rss_after)
         assert rss_after[-1] - rss_after[0] < BUDGET, f"memory grows with each OOM: {rss_after}"
@@ -124,25 +129,32 @@ def _wait_idle(w: WorkerProc, timeout_s: float) -> float:
     raise AssertionError(f"the abandoned job still runs after {timeout_s} s")
 
 
-@pytest.mark.parametrize("heartbeat", [True, False], ids=["pinging client", "client without heartbeats"])
-def test_client_disconnect_mid_stream_cancels_the_job(worker: WorkerProc, heartbeat: bool) -> None:
-    """A client that vanishes mid-stream (its socket closed): the worker notices (heartbeats stop, or
-    the next event cannot be routed), cancels the job and frees the model for others."""
+@pytest.mark.parametrize("mode", ["closed", "closed, no heartbeat field", "hung"])
+def test_client_disconnect_mid_stream_cancels_the_job(worker: WorkerProc, mode: str) -> None:
+    """A client that vanishes mid-stream: its socket closed (the next event cannot be routed), or a
+    client that hangs - connected but no longer pinging (its heartbeats stop). The worker cancels
+    the job and frees the model for others."""
     header, arrays = long_ask(worker, LONG)
-    raw = worker.raw()
-    if heartbeat:
-        header["client_heartbeat_s"] = 0.5
+    if mode != "closed, no heartbeat field":
+        header["client_heartbeat_s"] = 0.5  # the worker expects a ping naming the job every 0.5 s
     rid = header["id"]
+    raw = worker.raw()
     raw.send_msg(header, arrays)
     while True:
         ev = raw.reply(rid, timeout_s=30, skip=("alive", "pong", "accepted"))
         if ev["event"] == "token":
             break
         assert ev["event"] != "done", "finished before the disconnect"
-    raw.close()
+    if mode == "hung":
+        raw.sock.setsockopt(zmq.RCVHWM, 1)  # stops reading; never pings
+    else:
+        raw.close()
     idle_after = _wait_idle(worker, 10.0)
     assert idle_after < 5.0, f"the job of a vanished client ran {idle_after:.1f} s more"
+    print(f"\nvanished client ({mode}): job stopped {idle_after:.2f} s later")
     assert any(rid in line and "cancelling" in line for line in worker.lines), worker.stderr()
+    if mode == "hung":
+        raw.close()
     with worker.raw() as fresh:
         done = assert_served(fresh)  # the model thread is free again
         assert done["timings_ms"]["queue"] < 1000
@@ -179,6 +191,7 @@ def test_cancel_is_honoured_within_one_decode_step(worker: WorkerProc) -> None:
         assert ev["event"] == "error" and ev["code"] == P.CANCELLED, ev
         assert after_ack is not None and after_ack.count("token") <= 2, after_ack
         assert stop_s < 1.0, f"cancelled {stop_s:.2f} s after the ack"
+        print(f"\ncancel: {after_ack.count('token')} token(s) after the ack, 'cancelled' {stop_s * 1000:.1f} ms after it")
         assert_served(raw)
 
 
