@@ -51,7 +51,7 @@ class Outcome:
 
 BENCHES = [
     Bench("protocol_roundtrip", "bench.protocol_roundtrip", [], ["--repeat", "5", "--side", "2000"],
-          r"round trip via the worker|echo \(floor\)|total \(target"),
+          r"round trip via the worker|echo \(floor\)|x3 GeoTIFF, |total \(target"),
     Bench("raster_prep", "bench.raster_prep", [], ["--size", "2000", "--layouts", "tiled-deflate"],
           r"\| (OK|OVER TARGET)\s*$|FAILED"),
     Bench("model_cpu", "bench.gpu",
