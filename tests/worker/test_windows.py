@@ -280,17 +280,20 @@ def test_cancel_stops_between_windows_and_inside_a_window(wworker) -> None:
         assert c.ping()["running"] == 0
 
 
-def test_cli_sends_the_full_grid_and_writes_stitched_results(wworker, geotiff_dir, tmp_path) -> None:
+def test_cli_auto_sends_the_full_grid_and_writes_stitched_results(wworker, geotiff_dir, tmp_path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
         [sys.executable, "-m", "worker.cli", "ask", str(geotiff_dir / "scene.tif"), "-q", "Where is the block?",
-         "--endpoint", wworker.endpoint, "--max-side", "40", "--windows", "on", "--window-size", "48",
+         "--endpoint", wworker.endpoint, "--max-side", "40", "--window-size", "48",
          "--window-overlap", "16", "--max-new-tokens", "10", "--forced-prefix", SEG, "--json", "--out", str(out),
          "--timeout", "10"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr
     obj = json.loads(proc.stdout)
-    assert obj["windowed"]["count"] == 4 and len(obj["windows"]) == 4 and obj["choice"] is None
+    # mode auto: the file (80 px) exceeds --max-side (40) and the worker's threshold (64, from info), so the
+    # CLI sent it on its full grid and the worker answered it in windows
+    assert obj["windowed"]["mode"] == "auto" and obj["windowed"]["count"] == 4 and len(obj["windows"]) == 4
+    assert obj["choice"] is None
     (row,) = obj["masks"]
     with rasterio.open(row["geotiff"]) as ds:  # the full 80x80 grid came back, though --max-side is 40
         assert (ds.height, ds.width) == (SIDE, SIDE) and ds.transform.to_gdal() == tuple(GT10)
