@@ -10,7 +10,7 @@ PIP_FLAGS := -q --disable-pip-version-check
 export QT_QPA_PLATFORM ?= offscreen
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test test-worker test-qgis deps sysdeps bench bench-gpu package train-mini lint clean
+.PHONY: run test test-worker test-qgis test-gpu deps sysdeps bench bench-gpu bench-gpu-pool package train-mini lint clean
 
 # --- installs (idempotent: stamps make a second run take seconds) ---------------------------
 sysdeps: .stamps/sysdeps
@@ -56,14 +56,21 @@ test-qgis: $(QVENV)/.stamp $(VENV)/.stamp
 bench: $(VENV)/.stamp
 	$(WPY) -m bench.run_all
 
+# GPU targets use the machine's own CUDA torch (python3), not the CPU venv.
 bench-gpu:
 	$(PY) -m bench.gpu
+
+bench-gpu-pool:
+	$(PY) -m bench.gpu_pool
+
+test-gpu:
+	$(PY) -m pytest -q -s -m gpu tests/model
 
 package:
 	$(PY) -m qgis_plugin.package --out dist
 
 train-mini:
-	$(PY) -m model.train configs/terrascope-mini.json
+	PY=$(PY) bash scripts/train_mini_gpu.sh
 
 lint: $(VENV)/.stamp
 	$(WPY) -m ruff check .
