@@ -453,9 +453,10 @@ class WorkerService:
         def measure(step: MaskStep) -> tuple[np.ndarray, dict]:
             if step.step not in measured:
                 prep = prepared[step.image_index]
-                mask = mask_to_request_grid(step.mask, prep)
+                valid = mask_to_request_grid(prep.valid, prep)
+                # what is sent is what is measured: no mask pixel on nodata
+                mask = mask_to_request_grid(step.mask, prep) & valid
                 try:
-                    valid = mask_to_request_grid(prep.valid, prep)
                     m = measure_mask(mask, prep.georef, valid)
                     measured[step.step] = (mask, m.to_dict() | {"grounding": grounding_text(m)})
                 except RasterError as exc:
@@ -463,7 +464,10 @@ class WorkerService:
             return measured[step.step]
 
         def on_token(text: str) -> None:
-            self._emit(push, job, P.event("token", req.id, text=text))
+            # injected visual tokens show as <REGION> placeholders: part of `text`, not of the stream
+            text = text.replace("<REGION>", "")
+            if text:
+                self._emit(push, job, P.event("token", req.id, text=text))
 
         def on_mask(step: MaskStep) -> None:
             mask, meas = measure(step)
@@ -911,9 +915,11 @@ def start_authenticator(ctx: zmq.Context, client_keys: Sequence[bytes] | None) -
 def gpu_info() -> dict | None:
     """Name and memory of the visible CUDA device, if torch is loaded and sees one."""
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available():
+    if torch is None:
         return None
-    try:
+    try:  # torch may still be half-imported by the model thread
+        if not torch.cuda.is_available():
+            return None
         free, total = torch.cuda.mem_get_info()
         return {
             "name": torch.cuda.get_device_name(),
