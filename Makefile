@@ -16,11 +16,13 @@ export PYTHONDONTWRITEBYTECODE := 1
 sysdeps: .stamps/sysdeps
 .stamps/sysdeps:
 	@mkdir -p .stamps
-	@if ! /usr/bin/python3 -c "import qgis.core, zmq" 2>/dev/null || ! $(PY) -m venv --help >/dev/null 2>&1; then \
-	  echo "Installing Debian packages (python3-qgis, python3-zmq, python3-venv)..."; \
+	@if ! /usr/bin/python3 -c "import qgis.core, zmq" 2>/dev/null || ! command -v qgis_process >/dev/null \
+	    || ! $(PY) -m venv --help >/dev/null 2>&1; then \
+	  echo "Installing Debian packages (python3-qgis, python3-zmq, python3-venv, qgis for qgis_process)..."; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
-	    python3-qgis python3-zmq python3-venv qgis-providers >/dev/null; fi
+	    python3-qgis python3-zmq python3-venv qgis-providers >/dev/null && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends qgis >/dev/null; fi
 	@touch $@
 
 $(VENV)/.stamp: requirements/worker.txt requirements/test.txt pyproject.toml | .stamps/sysdeps
