@@ -75,7 +75,15 @@ def options_text(options: list[str] | None) -> str:
         return ""
     if len(options) > len(OPTION_LETTERS):
         raise ValueError(f"at most {len(OPTION_LETTERS)} options are supported, got {len(options)}")
-    return "".join(f"{OPTION_LETTERS[i]}. {opt}\n" for i, opt in enumerate(options))
+    return "".join(f"{OPTION_LETTERS[i]}. {strip_option_label(opt, OPTION_LETTERS[i])}\n"
+                   for i, opt in enumerate(options))
+
+
+def strip_option_label(option: str, letter: str) -> str:
+    """Users and bench files write options as "A. water"; the prompt adds the letter itself, so drop a
+    leading label that matches the option's own letter ("A. ", "A) ", "(A) ", "A: ") rather than print "A. A. water"."""
+    m = re.match(rf"\s*\(?{letter}[.):]\s+", option)
+    return option[m.end():] if m else option.strip()
 
 
 def build_prompt(template: str, question: str, options: list[str] | None, token_counts: list[int],

@@ -52,3 +52,10 @@ def test_route_marker_and_label():
     assert route_marker("no marker") is None
     assert seg_label("<think>I first identify the water regions [SEG]") == "I first identify the water regions"
     assert seg_label("a [SEG]<REGION> then, Image: t1 the new roads [SEG]") == "then, the new roads"
+
+
+def test_option_labels_written_by_users_are_not_doubled():
+    from model.prompting import options_text
+
+    text = options_text(["A. water", "B) forest", "(C) crops", "D: bare", "Apple orchard"])
+    assert text == "A. water\nB. forest\nC. crops\nD. bare\nE. Apple orchard\n"
