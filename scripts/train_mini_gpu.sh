@@ -37,20 +37,22 @@ print(f"torch {torch.__version__} cuda {torch.cuda.is_available()} "
       f"peft {peft.__version__} tokenizers {tokenizers.__version__}", flush=True)
 PYEOF
 
+collect() {  # device runs: whatever exists comes back, even after a failure
+  [ -n "${ARTEFACTS:-}" ] || return 0
+  mkdir -p "$ARTEFACTS"
+  if [ -d "$SAVE" ]; then cp "$SAVE"/model*.safetensors "$ARTEFACTS"/ 2>/dev/null || true; fi
+  local files=()
+  for f in "$SAVE"/*.json "$RUN"/train_log.jsonl "$RUN"/train_log.csv "$RUN"/train_loss.png "$RUN"/summary.json; do
+    [ -f "$f" ] && files+=("$f")
+  done
+  [ "${#files[@]}" -gt 0 ] && tar -cf "$ARTEFACTS/meta.tar" --transform 's|.*/||' "${files[@]}"
+  ls -la "$ARTEFACTS"
+}
+trap collect EXIT
+
 args=("$CONFIG" --data "$PACK" --out "$RUN" --save-dir "$SAVE" --time-budget-s "$BUDGET" --no-progress "$@")
 if [ "$NPROC" -gt 1 ]; then
   NCCL_NVLS_ENABLE=0 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m model.train "${args[@]}"
 else
   "$PY" -m model.train "${args[@]}"
-fi
-
-if [ -n "${ARTEFACTS:-}" ]; then
-  mkdir -p "$ARTEFACTS"
-  save_abs=$(cd "$SAVE" && pwd)
-  run_abs=$(cd "$RUN" && pwd)
-  cp "$save_abs"/model*.safetensors "$ARTEFACTS"/
-  (cd "$save_abs" && ls | grep -v '\.safetensors$') > "$run_abs/.meta_files"
-  tar -cf "$ARTEFACTS/meta.tar" -C "$save_abs" -T "$run_abs/.meta_files" \
-    -C "$run_abs" train_log.jsonl train_log.csv train_loss.png summary.json
-  ls -la "$ARTEFACTS"
 fi

@@ -467,7 +467,10 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
             export(model, save_dir, tok_dir, cfg.save_dtype)
             print(f"[train] saved {save_dir}", flush=True)
         if log.jsonl.exists():
-            plot_log(log.jsonl, out / "train_loss.png", title=f"{cfg.name}: training loss")
+            try:
+                plot_log(log.jsonl, out / "train_loss.png", title=f"{cfg.name}: training loss")
+            except Exception as exc:  # noqa: BLE001 - a missing plot must not lose a finished run
+                print(f"[train] plot failed: {type(exc).__name__}: {exc}", flush=True)
         (out / "summary.json").write_text(json.dumps({"stages": summaries, "global_step": global_step,
                                                       "seconds": round(time.time() - t_run, 1),
                                                       "world_size": d.world}, indent=2) + "\n")

@@ -68,7 +68,7 @@ def pack(data: Path, out: Path, fmt: str = "png", quality: int = 95, splits: tup
                 pixels = np.asarray(im.convert("RGB"))
         img = Image.fromarray(pixels)
         if fmt == "jpg":
-            img.save(out / dst, quality=quality, subsampling=0)
+            img.save(out / dst, quality=quality)  # 4:2:0 like the JPEG-in-TIFF source
         else:
             img.save(out / dst, optimize=True)
 

@@ -172,7 +172,7 @@ def decode_all(model: TerraScopeModel, feats: Sam2Features, prompt: torch.Tensor
     """
     sam = model.grounding_encoder
     n = prompt.shape[0]
-    points = torch.zeros(n, 1, 1, 2, device=prompt.device, dtype=prompt.dtype)
+    points = torch.zeros(n, 1, 1, 2, device=prompt.device, dtype=torch.float32)  # weights are fp32 in training
     labels = -torch.ones(n, 1, 1, dtype=torch.int32, device=prompt.device)
     sparse, dense = sam.prompt_encoder(input_points=points, input_labels=labels, input_boxes=None,
                                        input_masks=None)

@@ -180,3 +180,21 @@ def test_mask_losses():
     assert torch.allclose(mask_iou(good[:, 1], target), torch.zeros(2))
     with pytest.raises(ValueError, match="differ"):
         dice_bce_per_mask(good, target[:, :4])
+
+
+def test_forward_backward_under_bf16_autocast(setup):
+    """fp32 master weights + bf16 autocast (the GPU recipe; CPU autocast catches dtype mix-ups here)."""
+    _, model, builder, examples, _ = setup
+    model.requires_grad_(True)
+    exs = [_by_id(examples, r) for r in ("ca0", "bce0", "sar0", "res1")]
+    banks = Banks(examples, torch.device("cpu"))
+    fwd = TrainingForward(model, banks)
+    batch = collate(exs, banks, builder, [True] * 4, 0.1, np.random.default_rng(0), pad_id=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fwd(batch)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"])
+    assert model.grounding_encoder.mask_decoder.iou_token.weight.grad is not None
+    assert model.vision_model.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    model.requires_grad_(False)
