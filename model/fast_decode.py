@@ -23,7 +23,8 @@ placeholder ids; ``max_new_tokens`` counts those placeholders and is checked aft
 ``max_seg``-th ``[SEG]`` ends generation after its mask.
 
 What a ``[SEG]`` does (SAM-2 decode, token selection, which embeddings to inject) is the caller's
-``SegHandler``; ``SamSegHandler`` implements it from the model's primitives for the bench and tests.
+``SegHandler``: ``answer_many`` wraps ``Generator.handle_segs`` (the same code ``Generator.run`` calls);
+``SamSegHandler`` implements one from the model's primitives for the bench and tests.
 """
 
 from __future__ import annotations
@@ -33,7 +34,6 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -48,13 +48,12 @@ from .types import (
     GenerationSettings,
     GroundingFn,
     MaskCallback,
-    MaskStep,
     StopFn,
     TokenCallback,
 )
 
 if TYPE_CHECKING:  # generation imports this module; keep the import one-way at run time
-    from .generation import Generator, VisualContext
+    from .generation import AnswerState, Generator, VisualContext
 
 NEG_INF = float("-inf")
 #: Elementwise kernels inside the graphs: "eager" (plain torch ops) or "compiled" (Inductor-fused norm, rope
@@ -886,31 +885,6 @@ class Question:
     grounding: GroundingFn | None = None
 
 
-class _RowState:
-    """``Generator.run``'s per-answer bookkeeping (streaming deltas, mask steps), for one batch row."""
-
-    def __init__(self, gen: Generator, q: Question, settings: GenerationSettings) -> None:
-        self.gen, self.q = gen, q
-        self.lam = settings.max_tokens_per_seg or gen.model.config.max_tokens_per_seg
-        self.settings = settings
-        self.rng = np.random.default_rng(settings.seed)
-        self.beta = gen._beta(q.ctx, q.question)
-        self.out_ids: list[int] = []
-        self.steps: list[MaskStep] = []
-        self.emitted = ""
-        self.sam_ms = 0.0
-
-    def emit(self) -> None:
-        if self.q.on_token is None:
-            return
-        full = self.gen.tok.decode(self.out_ids)
-        if full.endswith("\ufffd") or not full.startswith(self.emitted):
-            return
-        if len(full) > len(self.emitted):
-            delta, self.emitted = full[len(self.emitted):], full
-            self.q.on_token(delta)
-
-
 class _SamPrefetch:
     """SAM-2 embeddings of every image in a batch, encoded by a background thread on a side stream.
 
@@ -972,104 +946,30 @@ class _SamPrefetch:
         self.thread.join()
 
 
-_SELECT_POOL: ThreadPoolExecutor | None = None
+def _seg_handler(gen: Generator, states: list[AnswerState], prefetch: _SamPrefetch | None) -> SegHandler:
+    """``Generator.handle_segs`` as the decoder's ``SegHandler``: every row's injected parts are collected and
+    handed back as one injection (the decoder writes them in one step)."""
+    from .generation import SegEvent
 
-
-def _select_pool() -> ThreadPoolExecutor:
-    global _SELECT_POOL
-    if _SELECT_POOL is None:
-        _SELECT_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="select")
-    return _SELECT_POOL
-
-
-def _seg_handler(gen: Generator, states: list[_RowState], prefetch: _SamPrefetch | None) -> SegHandler:
-    """The [SEG] block of ``Generator.run`` for several rows at once: one batched SAM-2 mask decode, one
-    interpolation and one device-to-host copy per mask size, token selection on a thread pool."""
-    from . import prompting, selection
-
-    model, cfg = gen.model, gen.model.config
+    model = gen.model
 
     @torch.no_grad()
     def handle(reqs: list[SegRequest]) -> list[SegInjection]:
         t0 = time.perf_counter()
-        prompts = model.seg_prompt(torch.stack([r.hidden for r in reqs]))
-        plan = []
-        for r in reqs:
-            st = states[r.row]
-            text_so_far = gen.tok.decode(r.token_ids)
-            image = gen._route(st.q.ctx, len(st.steps), text_so_far)
-            if prefetch is not None:
-                prefetch.wait(st.q.ctx, image)
-            plan.append((st, text_so_far, image, gen.sam_features(st.q.ctx, image)))
-        feats = [p[3] for p in plan]
-        batch = Sam2Features([torch.cat([f.image_embeddings[i] for f in feats]) for i in
-                              range(len(feats[0].image_embeddings))], feats[0].image_pe)
-        dec = model.sam2_decode(batch, prompts)
-        n = len(plan)
-        sel_hw, own_hw = [], []
-        for st, _, image, _ in plan:
-            ctx = st.q.ctx
-            own = tuple(ctx.pixels[image].shape[:2])
-            # official multi-image code sizes every frame's mask to the first image
-            sel = tuple(ctx.pixels[0].shape[:2]) if (cfg.compat == "official" and ctx.kind != "single") else own
-            sel_hw.append(sel)
-            own_hw.append(own)
-        empty = [cfg.suppress_no_object and o <= 0 for o in dec.object_score[:, 0].tolist()]
-        scores = dec.iou.gather(1, dec.best[:, None])[:, 0].tolist()
-        masks_sel: list[np.ndarray] = [np.zeros(0, bool)] * n
-        masks_own: list[np.ndarray] = [np.zeros(0, bool)] * n
-        for hws, out in ((sel_hw, masks_sel), (own_hw, masks_own)):
-            for hw in set(hws):
-                rows = [i for i in range(n) if hws[i] == hw]
-                if out is masks_own and all(sel_hw[i] == hw for i in rows):
-                    for i in rows:
-                        out[i] = masks_sel[i]
-                    continue
-                idx = torch.tensor(rows, device=dec.low_res.device)
-                probs = mask_probabilities(dec.low_res[idx], hw, cfg.sam2.image_size)
-                host = (probs > 0.5).cpu().numpy()
-                for j, i in enumerate(rows):
-                    out[i] = np.zeros(hw, bool) if empty[i] else host[j]
+        parts: list[list[torch.Tensor]] = [[] for _ in reqs]
+        ids: list[list[int]] = [[] for _ in reqs]
 
-        def select(i: int) -> list[int]:
-            st, _, image, _ = plan[i]
-            return gen._select(st.q.ctx, image, masks_sel[i], st.settings, st.lam, st.rng)
+        def collect(i: int, kind: str, emb: torch.Tensor, new: list[int]) -> None:
+            parts[i].append(emb)
+            ids[i] += new
 
-        parallel = n > 1 and all(p[0].settings.injection != "random" for p in plan)  # random: one rng order
-        chosen = list(_select_pool().map(select, range(n))) if parallel else [select(i) for i in range(n)]
+        gen.handle_segs([SegEvent(states[r.row], r.hidden) for r in reqs], collect,
+                        wait_features=prefetch.wait if prefetch is not None else None)
         out = []
-        for i, (st, text_so_far, image, _) in enumerate(plan):
-            ctx, local = st.q.ctx, chosen[i]
-            if ctx.kind == "pair":
-                n_opt = ctx.token_counts[0]
-                modality = selection.choose_modality(st.beta[0], st.beta[1], local) if st.beta else []
-                flat_idx = [j + (n_opt if m == "sar" else 0) for j, m in zip(local, modality)]
-            else:
-                modality = []
-                flat_idx = [ctx.offsets[image] + j for j in local]
-            step = MaskStep(step=len(st.steps), label=prompting.seg_label(text_so_far), image_index=image,
-                            mask=masks_own[i], score=float(scores[i]), token_indices=list(flat_idx),
-                            modality=modality)
-            if st.q.on_mask is not None:
-                st.q.on_mask(step)
-            parts, ids = [], []
-            if flat_idx:
-                parts.append(ctx.vit_flat[torch.tensor(flat_idx, device=ctx.vit_flat.device)].to(model.dtype))
-                ids += [gen.ids.region] * len(flat_idx)
-            if st.q.grounding is not None:
-                span = st.q.grounding(step)
-                if span:
-                    step.grounding_text = span
-                    g_ids = gen.tok.encode(span)
-                    if g_ids:
-                        parts.append(model.embed_ids(torch.tensor(g_ids, dtype=torch.long)).to(model.dtype))
-                        ids += g_ids
-            st.steps.append(step)
-            st.out_ids.extend(ids)
-            st.emit()
-            emb = torch.cat(parts) if parts else torch.zeros(0, model.config.llm.hidden_size,
-                                                            device=model.device, dtype=model.dtype)
-            out.append(SegInjection(emb, ids))
+        for p, i in zip(parts, ids):
+            emb = torch.cat(p) if p else torch.zeros(0, model.config.llm.hidden_size, device=model.device,
+                                                     dtype=model.dtype)
+            out.append(SegInjection(emb, i))
         share = (time.perf_counter() - t0) * 1e3 / len(reqs)
         for r in reqs:
             states[r.row].sam_ms += share
@@ -1082,13 +982,10 @@ def _seg_handler(gen: Generator, states: list[_RowState], prefetch: _SamPrefetch
 def answer_many(gen: Generator, questions: Sequence[Question], settings: GenerationSettings | None = None,
                 should_stop: StopFn | None = None, kernels: str | None = None) -> list[AnswerResult]:
     """Answer several questions in one static-cache batch; each image's prompt prefix is prefilled once."""
-    from . import prompting
+    from .generation import AnswerState, check_settings
 
     settings = settings or GenerationSettings()
-    if settings.max_new_tokens < 1:
-        raise ValueError("max_new_tokens must be >= 1")
-    if settings.injection not in ("mask", "box", "random", "none"):
-        raise ValueError(f"unknown injection mode {settings.injection!r}")
+    check_settings(settings)
     if not questions:
         return []
     model = gen.model
@@ -1099,13 +996,7 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
     rows: list[RowInput] = []
     for q in questions:
         ids = gen.prompt_ids(q.ctx, q.question, q.options)
-        ids_t = torch.tensor(ids, dtype=torch.long)
-        embeds = model.embed_ids(ids_t)
-        img_pos = (ids_t == gen.ids.img_context).nonzero()[:, 0].to(embeds.device)
-        if img_pos.numel() != q.ctx.vit_flat.shape[0]:
-            raise ValueError(f"prompt has {img_pos.numel()} image tokens but the images give "
-                             f"{q.ctx.vit_flat.shape[0]}")
-        embeds[img_pos] = q.ctx.vit_flat.to(embeds.dtype)
+        embeds = gen.prompt_embeds(q.ctx, ids)
         ends = [i for i, t in enumerate(ids) if t == img_end]
         split = min(ends[-1] + 1 if ends else len(ids) - 1, len(ids) - 1)
         token = q.ctx.__dict__.setdefault("_ts_prefix_token", object())
@@ -1135,7 +1026,8 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
     if model.device.type == "cuda":
         torch.cuda.synchronize()
     prefill_ms = (time.perf_counter() - t_start) * 1e3
-    states = [_RowState(gen, q, settings) for q in questions]
+    states = [AnswerState(gen, q.ctx, q.question, settings, q.on_token, q.on_mask, q.grounding)
+              for q in questions]
 
     def on_tok(row: int, tok: int) -> None:
         st = states[row]
@@ -1154,27 +1046,19 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
             prefetch.close()
     results = []
     for q, st, out in zip(questions, states, outs):
-        out_ids = out.token_ids
         stopped = out.stopped
-        if stopped == "eos" and out_ids and out_ids[-1] != gen.ids.eos:
+        if stopped == "eos" and out.token_ids and out.token_ids[-1] != gen.ids.eos:
             stopped = "answer"
         timings = dict(q.ctx.timings_ms)
         decode_ms = stats.total_ms - stats.suffix_prefill_ms - stats.handler_ms
         timings.update({"prefill_ms": prefill_ms + stats.suffix_prefill_ms, "decode_ms": decode_ms,
-                        "sam2_ms": st.sam_ms, "generated_tokens": float(len(out_ids)),
+                        "sam2_ms": st.sam_ms, "generated_tokens": float(len(st.out_ids)),
                         "decode_steps": float(stats.decode_steps), "fast_path": 1.0,
                         "seg_wait_ms": stats.seg_ms - stats.handler_ms,
                         "total_ms": timings.get("preprocess_ms", 0) + timings.get("vision_ms", 0)
                         + (time.perf_counter() - t_start) * 1e3})
-        text = gen.tok.decode(out_ids).strip()
-        if q.on_token is not None:
-            full = gen.tok.decode(out_ids)
-            if len(full) > len(st.emitted) and full.startswith(st.emitted):
-                q.on_token(full[len(st.emitted):])
-        reasoning, answer = prompting.parse_response(text)
-        choice = prompting.extract_choice(text, len(q.options)) if q.options else None
-        results.append(AnswerResult(text=text, reasoning=reasoning, answer=answer, choice=choice, steps=st.steps,
-                                    token_ids=out_ids, timings_ms=timings, stopped=stopped))
+        # st.out_ids equals out.token_ids: on_tok and the injections append every id to both
+        results.append(st.result(q.options, timings, stopped))
     return results
 
 

@@ -4,12 +4,17 @@ One ``VisualContext`` holds everything computed from the images (ViT tokens, lay
 cache, optical/SAR relevance); it is built once and shared by every question about those images. The loop
 keeps one live KV cache: a [SEG] step's hidden state prompts SAM-2, the selected visual tokens are fed as
 ``inputs_embeds`` at the next positions (nothing is re-encoded), then an optional grounding text span, and
-decoding resumes from the last injected position.
+decoding resumes from the last injected position. ``Generator.handle_segs`` is that [SEG] handling for one
+answer or a batch; ``run`` and the fast path (model/fast_decode.py) both call it and differ only in how the
+injected embeddings reach their KV cache.
 """
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -123,6 +128,83 @@ class GenerationTrace:
     last_hidden: torch.Tensor | None = None  # hidden state of the last fed position
 
 
+def check_settings(settings: GenerationSettings) -> None:
+    """Reject settings neither decode path can honour (shared by ``Generator.run`` and the fast path)."""
+    if settings.max_new_tokens < 1:
+        raise ValueError("max_new_tokens must be >= 1")
+    if settings.injection not in ("mask", "box", "random", "none"):
+        raise ValueError(f"unknown injection mode {settings.injection!r}")
+
+
+class AnswerState:
+    """One answer's bookkeeping, shared by ``Generator.run`` and the fast path (one per batch row).
+
+    Holds the ids so far (the [SEG] handling reads them for routing and labels), the streamed text, the mask
+    steps and the per-answer inputs of token selection (λ, the seeded rng, the pair's modality relevance).
+    """
+
+    def __init__(self, gen: Generator, ctx: VisualContext, question: str, settings: GenerationSettings,
+                 on_token: TokenCallback | None = None, on_mask: MaskCallback | None = None,
+                 grounding: GroundingFn | None = None) -> None:
+        self.tok = gen.tok
+        self.ctx = ctx
+        self.settings = settings
+        self.lam = settings.max_tokens_per_seg or gen.model.config.max_tokens_per_seg
+        self.rng = np.random.default_rng(settings.seed)
+        self.beta = gen._beta(ctx, question)
+        self.on_token, self.on_mask, self.grounding = on_token, on_mask, grounding
+        self.out_ids: list[int] = []
+        self.steps: list[MaskStep] = []
+        self.emitted = ""
+        self.sam_ms = 0.0
+
+    def emit(self) -> None:
+        """Stream the new text since the last call (held back while it ends in a partial UTF-8 character)."""
+        if self.on_token is None:
+            return
+        full = self.tok.decode(self.out_ids)
+        if full.endswith("\ufffd") or not full.startswith(self.emitted):
+            return
+        if len(full) > len(self.emitted):
+            delta, self.emitted = full[len(self.emitted):], full
+            self.on_token(delta)
+
+    def result(self, options: list[str] | None, timings: dict[str, float], stopped: str) -> AnswerResult:
+        """Flush the rest of the stream and parse the answer."""
+        text = self.tok.decode(self.out_ids).strip()
+        if self.on_token is not None:
+            full = self.tok.decode(self.out_ids)
+            if len(full) > len(self.emitted) and full.startswith(self.emitted):
+                self.on_token(full[len(self.emitted):])
+        reasoning, answer = prompting.parse_response(text)
+        choice = prompting.extract_choice(text, len(options)) if options else None
+        return AnswerResult(text=text, reasoning=reasoning, answer=answer, choice=choice, steps=self.steps,
+                            token_ids=self.out_ids, timings_ms=timings, stopped=stopped)
+
+
+@dataclass
+class SegEvent:
+    """An answer whose last fed token was [SEG]; ``hidden`` [H] is that step's last-layer hidden state."""
+
+    state: AnswerState
+    hidden: torch.Tensor
+
+
+#: Writes one injected part into the caller's KV cache: (event index, "region" | "grounding", embeddings
+#: [K, H] in the model dtype, the K ids that stand for them). ``Generator.run`` feeds it at once; the fast
+#: path collects the parts and its decoder injects them in one step.
+InjectFn = Callable[[int, str, torch.Tensor, list[int]], None]
+
+_SELECT_POOL: ThreadPoolExecutor | None = None
+
+
+def _select_pool() -> ThreadPoolExecutor:
+    global _SELECT_POOL
+    if _SELECT_POOL is None:
+        _SELECT_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="select")
+    return _SELECT_POOL
+
+
 class Generator:
     """Runs one answer. Stateless between answers except for the shared ``VisualContext``."""
 
@@ -194,6 +276,126 @@ class Generator:
             local = sorted(rng.choice(pool, size=k, replace=False).tolist()) if k else []
         return local
 
+    def prompt_embeds(self, ctx: VisualContext, ids: list[int]) -> torch.Tensor:
+        """[S, H] embeddings of a prompt with the images' visual tokens at its image-context positions."""
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        embeds = self.model.embed_ids(ids_t)
+        img_pos = (ids_t == self.ids.img_context).nonzero()[:, 0].to(embeds.device)
+        if img_pos.numel() != ctx.vit_flat.shape[0]:
+            raise ValueError(f"prompt has {img_pos.numel()} image tokens but the images give "
+                             f"{ctx.vit_flat.shape[0]}")
+        embeds[img_pos] = ctx.vit_flat.to(embeds.dtype)
+        return embeds
+
+    # ---- [SEG] ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def handle_segs(self, events: list[SegEvent], inject: InjectFn, *,
+                    wait_features: Callable[[VisualContext, int], None] | None = None,
+                    trace_segs: list[dict] | None = None) -> float:
+        """Handle the [SEG]s of one step, for one answer (``run``) or a batch of them (the fast path).
+
+        Per event: the hidden state prompts SAM-2 (one batched mask decode for all events), the mask is routed
+        to an image, tokens are selected, the ``MaskStep`` goes to ``on_mask``, the selected visual tokens and
+        then the optional grounding span go to ``inject`` (the caller's cache write) and their ids to the
+        answer. ``wait_features(ctx, image)`` runs before an image's SAM-2 features are read (the prefetch).
+        Returns the ms spent before the callbacks (SAM-2, masks, selection).
+        """
+        t0 = time.perf_counter()
+        model, cfg = self.model, self.model.config
+        hidden = torch.stack([e.hidden for e in events])
+        prompts = model.seg_prompt(hidden)
+        plan: list[tuple[AnswerState, str, int]] = []
+        feats: list[Sam2Features] = []
+        for e in events:
+            st = e.state
+            text_so_far = self.tok.decode(st.out_ids)
+            image = self._route(st.ctx, len(st.steps), text_so_far)
+            if wait_features is not None:
+                wait_features(st.ctx, image)
+            plan.append((st, text_so_far, image))
+            feats.append(self.sam_features(st.ctx, image))
+        batch = feats[0] if len(feats) == 1 else Sam2Features(
+            [torch.cat([f.image_embeddings[i] for f in feats]) for i in range(len(feats[0].image_embeddings))],
+            feats[0].image_pe)
+        dec = model.sam2_decode(batch, prompts)
+        n = len(plan)
+        sel_hw, own_hw = [], []
+        for st, _, image in plan:
+            ctx = st.ctx
+            own = tuple(ctx.pixels[image].shape[:2])
+            # official multi-image code sizes every frame's mask to the first image
+            sel = tuple(ctx.pixels[0].shape[:2]) if (cfg.compat == "official" and ctx.kind != "single") else own
+            sel_hw.append(sel)
+            own_hw.append(own)
+        empty = [cfg.suppress_no_object and o <= 0 for o in dec.object_score[:, 0].tolist()]
+        scores = dec.iou.gather(1, dec.best[:, None])[:, 0].tolist()
+        masks_sel: list[np.ndarray] = [np.zeros(0, bool)] * n
+        masks_own: list[np.ndarray] = [np.zeros(0, bool)] * n
+        probs_sel: list[torch.Tensor] = [dec.low_res.new_zeros(0)] * n  # kept for the trace
+        for hws, out in ((sel_hw, masks_sel), (own_hw, masks_own)):
+            for hw in set(hws):  # one interpolation and one device-to-host copy per mask size
+                rows = [i for i in range(n) if hws[i] == hw]
+                if out is masks_own and all(sel_hw[i] == hw for i in rows):
+                    for i in rows:
+                        out[i] = masks_sel[i]
+                    continue
+                idx = torch.tensor(rows, device=dec.low_res.device)
+                probs = mask_probabilities(dec.low_res[idx], hw, cfg.sam2.image_size)
+                host = (probs > 0.5).cpu().numpy()
+                for j, i in enumerate(rows):
+                    out[i] = np.zeros(hw, bool) if empty[i] else host[j]
+                    if out is masks_sel:
+                        probs_sel[i] = probs[j]
+
+        def select(i: int) -> list[int]:
+            st, _, image = plan[i]
+            return self._select(st.ctx, image, masks_sel[i], st.settings, st.lam, st.rng)
+
+        parallel = n > 1 and all(p[0].settings.injection != "random" for p in plan)  # random: one rng order
+        chosen = list(_select_pool().map(select, range(n))) if parallel else [select(i) for i in range(n)]
+        built: list[tuple[MaskStep, list[int]]] = []
+        for i, (st, text_so_far, image) in enumerate(plan):
+            ctx, local = st.ctx, chosen[i]
+            if ctx.kind == "pair":
+                n_opt = ctx.token_counts[0]
+                modality = selection.choose_modality(st.beta[0], st.beta[1], local) if st.beta else []
+                flat_idx = [j + (n_opt if m == "sar" else 0) for j, m in zip(local, modality)]
+            else:
+                modality = []
+                flat_idx = [ctx.offsets[image] + j for j in local]
+            step = MaskStep(step=len(st.steps), label=prompting.seg_label(text_so_far), image_index=image,
+                            mask=masks_own[i], score=float(scores[i]), token_indices=list(flat_idx),
+                            modality=modality)
+            built.append((step, flat_idx))
+        mask_ms = (time.perf_counter() - t0) * 1e3
+
+        for i, ((st, _, image), (step, flat_idx)) in enumerate(zip(plan, built)):
+            ctx = st.ctx
+            if trace_segs is not None:
+                trace_segs.append({"hidden": hidden[i:i + 1].float().cpu(), "prompt": prompts[i:i + 1].float().cpu(),
+                                   "iou": dec.iou[i:i + 1].cpu(), "obj": dec.object_score[i:i + 1].cpu(),
+                                   "low_res": dec.low_res[i:i + 1].cpu(), "probs": probs_sel[i].cpu(),
+                                   "local": chosen[i], "image": image})
+            if st.on_mask is not None:
+                st.on_mask(step)
+            if flat_idx:
+                region = ctx.vit_flat[torch.tensor(flat_idx, device=ctx.vit_flat.device)].to(model.dtype)
+                region_ids = [self.ids.region] * len(flat_idx)
+                inject(i, "region", region, region_ids)
+                st.out_ids.extend(region_ids)
+            if st.grounding is not None:
+                span = st.grounding(step)
+                if span:
+                    step.grounding_text = span
+                    g_ids = self.tok.encode(span)
+                    if g_ids:
+                        g_emb = model.embed_ids(torch.tensor(g_ids, dtype=torch.long)).to(model.dtype)
+                        inject(i, "grounding", g_emb, g_ids)
+                        st.out_ids.extend(g_ids)
+            st.steps.append(step)
+            st.emit()
+        return mask_ms
+
     # ---- the loop ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, ctx: VisualContext, question: str, options: list[str] | None = None,
@@ -202,32 +404,21 @@ class Generator:
             should_stop: StopFn | None = None, forced_ids: list[int] | None = None,
             prompt_ids: list[int] | None = None, trace: GenerationTrace | None = None) -> AnswerResult:
         settings = settings or GenerationSettings()
-        if settings.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be >= 1")
-        if settings.injection not in ("mask", "box", "random", "none"):
-            raise ValueError(f"unknown injection mode {settings.injection!r}")
+        check_settings(settings)
         # ---- GPU fast path (model/fast_decode.py, GPU engineer): same semantics on a static KV cache with
         # CUDA graphs; default on CUDA for greedy decoding, TERRASCOPE_FAST_DECODE=0 turns it off.
         if trace is None and prompt_ids is None and fast_decode.enabled(self.model, settings):
             return fast_decode.fast_run(self, ctx, question, options, settings, on_token, on_mask, grounding,
                                         should_stop, forced_ids)
-        model, cfg, ids = self.model, self.model.config, self.ids
-        lam = settings.max_tokens_per_seg or cfg.max_tokens_per_seg
-        rng = np.random.default_rng(settings.seed)
+        model, ids = self.model, self.ids
         sampler = torch.Generator(device="cpu").manual_seed(settings.seed)
         timings = dict(ctx.timings_ms)
         t_start = time.perf_counter()
         sam_ms = 0.0
 
         prompt = prompt_ids if prompt_ids is not None else self.prompt_ids(ctx, question, options)
-        beta = self._beta(ctx, question)
-        ids_t = torch.tensor(prompt, dtype=torch.long)
-        embeds = model.embed_ids(ids_t)[None]
-        img_pos = (ids_t == ids.img_context).nonzero()[:, 0].to(embeds.device)
-        if img_pos.numel() != ctx.vit_flat.shape[0]:
-            raise ValueError(f"prompt has {img_pos.numel()} image tokens but the images give "
-                             f"{ctx.vit_flat.shape[0]}")
-        embeds[0, img_pos] = ctx.vit_flat.to(embeds.dtype)
+        st = AnswerState(self, ctx, question, settings, on_token, on_mask, grounding)
+        embeds = self.prompt_embeds(ctx, prompt)[None]
         cache = model.new_cache()
         hidden, logits = model.lm_forward(embeds, cache, 0)
         pos = len(prompt)
@@ -238,22 +429,9 @@ class Generator:
             trace.cache = cache
         timings["prefill_ms"] = (time.perf_counter() - t_start) * 1e3
 
-        out_ids: list[int] = []
-        steps: list[MaskStep] = []
-        emitted = ""
+        out_ids = st.out_ids
         n_choices = 0
         stopped = "max_new_tokens"
-
-        def emit() -> None:
-            nonlocal emitted
-            if on_token is None:
-                return
-            full = self.tok.decode(out_ids)
-            if full.endswith("\ufffd") or not full.startswith(emitted):
-                return
-            if len(full) > len(emitted):
-                delta, emitted = full[len(emitted):], full
-                on_token(delta)
 
         def choose(lg: torch.Tensor) -> int:
             nonlocal n_choices
@@ -267,16 +445,24 @@ class Generator:
             n_choices += 1
             return tok
 
-        def feed_ids(new: list[int], kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+        def feed(emb: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
             nonlocal pos
-            emb = model.embed_ids(torch.tensor(new, dtype=torch.long))[None]
             h, lg = model.lm_forward(emb, cache, pos)
-            pos += len(new)
+            pos += emb.shape[1]
             if trace is not None:
                 trace.calls.append((kind, lg[0, -1].cpu()))
                 trace.fed.append(emb)
                 trace.last_hidden = h[0, -1]
             return h, lg
+
+        last_logits = logits
+
+        def inject(_: int, kind: str, emb: torch.Tensor, new: list[int]) -> None:
+            """The [SEG] handling's cache write: feed each injected part now, on the live cache."""
+            nonlocal last_logits
+            if kind == "region" and trace is not None:
+                trace.segs[-1]["region_embeds"] = emb[None].float().cpu()
+            _, last_logits = feed(emb[None], kind)
 
         t_dec = time.perf_counter()
         next_id = choose(logits[0, -1])
@@ -285,7 +471,7 @@ class Generator:
                 stopped = "cancelled"
                 break
             out_ids.append(next_id)
-            emit()
+            st.emit()
             if next_id in ids.stops:
                 stopped = "eos" if next_id == ids.eos else "answer"
                 break
@@ -293,70 +479,15 @@ class Generator:
                 if len(out_ids) >= settings.max_new_tokens:
                     stopped = "max_new_tokens"
                     break
-                hidden, logits = feed_ids([next_id], "step")
+                hidden, logits = feed(model.embed_ids(torch.tensor([next_id], dtype=torch.long))[None], "step")
                 next_id = choose(logits[0, -1])
                 continue
 
-            # ---- [SEG]: its last-layer hidden state prompts SAM-2 -------------------------------------
-            hidden, logits = feed_ids([next_id], "step")  # logits of the [SEG] step are discarded
-            t_sam = time.perf_counter()
-            seg_hidden = hidden[:, -1]
-            prompt_emb = model.seg_prompt(seg_hidden)
-            text_so_far = self.tok.decode(out_ids)
-            image = self._route(ctx, len(steps), text_so_far)
-            feats = self.sam_features(ctx, image)
-            dec = model.sam2_decode(feats, prompt_emb)
-            own_hw = ctx.pixels[image].shape[:2]
-            # official multi-image code sizes every frame's mask to the first image
-            sel_hw = ctx.pixels[0].shape[:2] if (cfg.compat == "official" and ctx.kind != "single") else own_hw
-            probs_sel = mask_probabilities(dec.low_res, sel_hw, cfg.sam2.image_size)[0]
-            probs = probs_sel if tuple(sel_hw) == tuple(own_hw) else mask_probabilities(
-                dec.low_res, own_hw, cfg.sam2.image_size)[0]
-            empty = cfg.suppress_no_object and float(dec.object_score[0, 0]) <= 0
-            mask_sel = np.zeros(sel_hw, bool) if empty else (probs_sel > 0.5).cpu().numpy()
-            mask = np.zeros(own_hw, bool) if empty else (probs > 0.5).cpu().numpy()
-            local = self._select(ctx, image, mask_sel, settings, lam, rng)
-            if ctx.kind == "pair":
-                n = ctx.token_counts[0]
-                modality = selection.choose_modality(beta[0], beta[1], local) if beta else []
-                flat_idx = [j + (n if m == "sar" else 0) for j, m in zip(local, modality)]
-            else:
-                modality = []
-                flat_idx = [ctx.offsets[image] + j for j in local]
-            step = MaskStep(step=len(steps), label=prompting.seg_label(text_so_far), image_index=image,
-                            mask=mask, score=float(dec.iou[0, dec.best[0]]), token_indices=list(flat_idx),
-                            modality=modality)
-            sam_ms += (time.perf_counter() - t_sam) * 1e3
-            if trace is not None:
-                trace.segs.append({"hidden": seg_hidden.float().cpu(), "prompt": prompt_emb.float().cpu(),
-                                   "iou": dec.iou.cpu(), "obj": dec.object_score.cpu(),
-                                   "low_res": dec.low_res.cpu(), "probs": probs_sel.cpu(),
-                                   "local": local, "image": image})
-            if on_mask is not None:
-                on_mask(step)
-            last_logits = logits
-            if flat_idx:
-                region = ctx.vit_flat[torch.tensor(flat_idx, device=ctx.vit_flat.device)][None]
-                if trace is not None:
-                    trace.segs[-1]["region_embeds"] = region.float().cpu()
-                h_reg, last_logits = model.lm_forward(region.to(model.dtype), cache, pos)
-                pos += len(flat_idx)
-                if trace is not None:
-                    trace.calls.append(("region", last_logits[0, -1].cpu()))
-                    trace.fed.append(region.to(model.dtype))
-                    trace.last_hidden = h_reg[0, -1]
-                out_ids.extend([ids.region] * len(flat_idx))
-            if grounding is not None:
-                span = grounding(step)
-                if span:
-                    step.grounding_text = span
-                    g_ids = self.tok.encode(span)
-                    if g_ids:
-                        _, last_logits = feed_ids(g_ids, "grounding")
-                        out_ids.extend(g_ids)
-            steps.append(step)
-            emit()
-            if len(steps) >= settings.max_seg:
+            # ---- [SEG]: its last-layer hidden state prompts SAM-2; the logits of the [SEG] step are discarded
+            hidden, last_logits = feed(model.embed_ids(torch.tensor([next_id], dtype=torch.long))[None], "step")
+            sam_ms += self.handle_segs([SegEvent(st, hidden[0, -1])], inject,
+                                       trace_segs=trace.segs if trace is not None else None)
+            if len(st.steps) >= settings.max_seg:
                 stopped = "max_seg"
                 break
             next_id = choose(last_logits[0, -1])
@@ -366,12 +497,4 @@ class Generator:
         timings["total_ms"] = timings.get("preprocess_ms", 0) + timings.get("vision_ms", 0) + (
             time.perf_counter() - t_start) * 1e3
         timings["generated_tokens"] = float(len(out_ids))
-        text = self.tok.decode(out_ids).strip()
-        if on_token is not None:
-            full = self.tok.decode(out_ids)
-            if len(full) > len(emitted) and full.startswith(emitted):
-                on_token(full[len(emitted):])
-        reasoning, answer = prompting.parse_response(text)
-        choice = prompting.extract_choice(text, len(options)) if options else None
-        return AnswerResult(text=text, reasoning=reasoning, answer=answer, choice=choice, steps=steps,
-                            token_ids=out_ids, timings_ms=timings, stopped=stopped)
+        return st.result(options, timings, stopped)
