@@ -82,7 +82,8 @@ def test_concurrent_clients_get_every_answer_exactly_once_without_cross_talk(wor
             done = events[-1][0]
             streamed = "".join(e["text"] for e, _ in events if e["event"] == "token")
             assert done["text"] == reference[k, j], f"client {k} request {j} got someone else's answer"
-            assert streamed.strip() == done["text"], "streamed tokens do not add up to the answer"
+            # `text` keeps the <REGION> placeholders of injected visual tokens; the stream leaves them out
+            assert streamed.strip() == done["text"].replace("<REGION>", "").strip(), "stream != answer"
             side = 16 + 8 * k
             for e, arrs in events:
                 if e["event"] == "mask":
