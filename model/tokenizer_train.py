@@ -67,7 +67,7 @@ def _jsonl_files(paths: Iterable[str | Path]) -> list[Path]:
     out: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            out.extend(sorted(p.rglob("*.jsonl")))
+            out.extend(sorted([*p.rglob("*.jsonl"), *p.rglob("*.jsonl.gz")]))
         elif p.is_file():
             out.append(p)
         else:
@@ -81,19 +81,24 @@ def corpus_texts(paths: Iterable[str | Path]) -> Iterator[str]:
     """Every text of every record in the given JSONL files/folders (plus the fixed prompt text)."""
     yield _FIXED_TEXT
     for f in _jsonl_files(paths):
-        with f.open(encoding="utf-8") as fh:
-            for n, line in enumerate(fh, 1):
-                line = line.strip()
-                if not line:
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{f}:{n}: not valid JSON ({exc.msg})") from None
-                if isinstance(rec, dict):
-                    yield from record_texts(rec)
-                else:
-                    yield str(rec)
+        if f.suffix == ".gz":
+            import gzip
+
+            lines = gzip.decompress(f.read_bytes()).decode("utf-8").splitlines()
+        else:
+            lines = f.read_text(encoding="utf-8").splitlines()
+        for n, line in enumerate(lines, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{f}:{n}: not valid JSON ({exc.msg})") from None
+            if isinstance(rec, dict):
+                yield from record_texts(rec)
+            else:
+                yield str(rec)
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2) -> Tokenizer:

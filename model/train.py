@@ -20,6 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--data", help="dataset folder (overrides the config)")
     ap.add_argument("--out", help="run folder: tokenizer, checkpoints, log, plot (overrides the config)")
     ap.add_argument("--save-dir", help="where the final native model goes (overrides the config)")
+    ap.add_argument("--init-from", help="start from this checkpoint folder (configs with model.checkpoint)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: one GPU per process)")
     ap.add_argument("--time-budget-s", type=float, help="wall-clock budget shared by the stages' time_fraction")
     ap.add_argument("--max-steps", type=int, help="cap every stage at this many optimiser steps")
@@ -45,6 +46,11 @@ def main(argv: list[str] | None = None) -> int:
         cfg.out = a.out
     if a.seed is not None:
         cfg.seed = a.seed
+    if a.init_from:
+        if "checkpoint" not in cfg.model:
+            print("error: --init-from needs a config whose model is a checkpoint, not a preset", file=sys.stderr)
+            return 2
+        cfg.model["checkpoint"] = a.init_from
     from model.training.data import DataError
     from model.training.loop import RunOptions, run
 

@@ -7,7 +7,10 @@
 #   PY=python3            interpreter with torch, transformers, peft, tokenizers, pillow, matplotlib, tqdm
 #   PACK=.carry/terra-cot-pack   packed dataset; built here if missing (needs rasterio + EO_SAMPLES)
 #   EO_SAMPLES=...        the eo-samples folder (only when the pack must be built)
-#   TIME_BUDGET_S=420     wall-clock training budget shared by the two stages
+#   TIME_BUDGET_S=360     wall-clock budget of phase 1 (configs/terrascope-mini.json: stages 1-2)
+#   CONTINUE_BUDGET_S=270 wall-clock budget of phase 2 (configs/terrascope-mini-continue.json: stage 2b +
+#                         stage 3 with frozen, cached encoders), which starts from phase 1's export
+#   PHASES="1 2"          which phases to run
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
 #   ARTEFACTS=            if set: copy the model, log, plot and summary there as <= 8 files (device runs)
 set -euo pipefail
@@ -15,19 +18,21 @@ cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 CONFIG=${CONFIG:-configs/terrascope-mini.json}
 PACK=${PACK:-.carry/terra-cot-pack}
-BUDGET=${TIME_BUDGET_S:-420}
+BUDGET=${TIME_BUDGET_S:-360}
+CONTINUE_BUDGET=${CONTINUE_BUDGET_S:-270}
+PHASES=${PHASES:-1 2}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
 RUN=${RUN_DIR:-out/terrascope-mini}
 export PYTHONUNBUFFERED=1
 
-if [ ! -f "$PACK/train.jsonl" ]; then
+if [ ! -f "$PACK/train.jsonl" ] && [ ! -f "$PACK/train.jsonl.gz" ]; then
   DATA=${DATA:-data/terra-cot}
   if [ ! -f "$DATA/train.jsonl" ]; then
     "$PY" -m model.data.build --src "${EO_SAMPLES:?the pack $PACK is missing: set EO_SAMPLES to build it}" \
       --out "$DATA" --seed 0
   fi
-  "$PY" -m model.training.pack --data "$DATA" --out "$PACK" --format jpg --quality 90 --val-limit 256
+  "$PY" -m model.training.pack --data "$DATA" --out "$PACK" --format jpg --quality 85 --val-limit 256 --gzip
 fi
 
 "$PY" - <<'PYEOF'
@@ -50,9 +55,20 @@ collect() {  # device runs: whatever exists comes back, even after a failure
 }
 trap collect EXIT
 
-args=("$CONFIG" --data "$PACK" --out "$RUN" --save-dir "$SAVE" --time-budget-s "$BUDGET" --no-progress "$@")
-if [ "$NPROC" -gt 1 ]; then
-  NCCL_NVLS_ENABLE=0 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m model.train "${args[@]}"
-else
-  "$PY" -m model.train "${args[@]}"
-fi
+train() {  # config budget run-dir [extra args]
+  local config=$1 budget=$2 run=$3
+  shift 3
+  local args=("$config" --data "$PACK" --out "$run" --save-dir "$SAVE" --time-budget-s "$budget" --no-progress "$@")
+  if [ "$NPROC" -gt 1 ]; then
+    NCCL_NVLS_ENABLE=0 "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" -m model.train "${args[@]}"
+  else
+    "$PY" -m model.train "${args[@]}"
+  fi
+}
+for phase in $PHASES; do
+  case $phase in
+    1) RUN=${RUN_DIR:-out/terrascope-mini}; train "$CONFIG" "$BUDGET" "$RUN" "$@" ;;
+    2) RUN=${RUN_DIR:-out/terrascope-mini}-continue; train configs/terrascope-mini-continue.json "$CONTINUE_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    *) echo "unknown phase $phase" >&2; exit 2 ;;
+  esac
+done

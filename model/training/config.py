@@ -54,6 +54,7 @@ class StageConfig:
     ground_prob: float = 1.0  # probability that a [SEG] gets its measurement span in the input
     ground_jitter: float = 0.0  # relative noise on the span's numbers (teaches nearest-option choice)
     max_grad_norm: float = 1.0
+    cache_frozen: bool = True  # run a frozen ViT / SAM-2 image encoder once per image, not every step
 
 
 @dataclass

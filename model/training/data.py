@@ -75,18 +75,27 @@ def read_mask(path: Path) -> np.ndarray:
     return arr != 0
 
 
+def read_text(path: Path) -> str:
+    """A UTF-8 text file, gunzipped when it ends in .gz (packs compress their records)."""
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.decompress(path.read_bytes()).decode("utf-8")
+    return path.read_text(encoding="utf-8")
+
+
 def load_records(data_dir: str | Path, splits: Sequence[str] = ("train",), kinds: Sequence[str] | None = None
                  ) -> list[dict]:
     """All records of the dataset folder (every ``*.jsonl`` in it), filtered by split and kind."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise DataError(f"dataset folder not found: {data_dir} (build it with python -m model.data.build)")
-    files = sorted(data_dir.glob("*.jsonl"))
+    files = sorted([*data_dir.glob("*.jsonl"), *data_dir.glob("*.jsonl.gz")])
     if not files:
-        raise DataError(f"{data_dir}: no *.jsonl record files")
+        raise DataError(f"{data_dir}: no *.jsonl (or *.jsonl.gz) record files")
     out = []
     for f in files:
-        for n, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
+        for n, line in enumerate(read_text(f).splitlines(), 1):
             if not line.strip():
                 continue
             try:

@@ -104,7 +104,7 @@ def prepare_tokenizer(cfg: TrainConfig, out: Path, d: Dist) -> Path:
     if d.main and not (tok_dir / "tokenizer.json").is_file():
         from model.tokenizer_train import corpus_texts, save_tokenizer, train_tokenizer
 
-        files = sorted(Path(cfg.data).glob("*.jsonl"))
+        files = sorted([*Path(cfg.data).glob("*.jsonl"), *Path(cfg.data).glob("*.jsonl.gz")])
         tok = train_tokenizer(corpus_texts(files), int(cfg.tokenizer.get("vocab_size", 4096)),
                               int(cfg.tokenizer.get("min_frequency", 2)))
         save_tokenizer(tok, tok_dir)
@@ -338,6 +338,8 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
         sampler = StageSampler(examples, stage, cfg.seed * 1000 + si * 17 + d.rank, length=lambda ex: lengths[ex.id])
         rng = np.random.default_rng(cfg.seed * 7919 + si * 31 + d.rank)
         fwd.seg_weight = stage.seg_loss_weight
+        cache_vit = not ({"vision"} & set(stage.train)) and stage.cache_frozen
+        cache_sam = "sam2_image_encoder" not in stage.train and stage.cache_frozen
         step, elapsed_before = 0, 0.0
         if resume is not None and si == start_stage:
             missing = model.load_state_dict(resume["model"], strict=False)
@@ -350,6 +352,15 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
             torch.set_rng_state(resume["torch_rng"])
             if d.main:
                 print(f"[train] resumed stage {stage.name} at step {step} (global {global_step})", flush=True)
+        banks.drop_caches()
+        if cache_vit or cache_sam:
+            t0 = time.time()
+            cdtype = torch.bfloat16 if (d.device.type == "cuda" and cfg.dtype == "bf16") else torch.float32
+            model.eval()
+            banks.build_caches(model, cache_vit, cache_sam, cdtype, autocast)
+            if d.main:
+                print(f"[train] stage {stage.name}: cached frozen encoders (vit={cache_vit}, sam={cache_sam}) in "
+                      f"{time.time() - t0:.1f}s, banks {banks.nbytes() / 2**20:.0f} MiB", flush=True)
         ddp: nn.Module = fwd
         if d.enabled:
             ddp = nn.parallel.DistributedDataParallel(

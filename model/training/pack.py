@@ -31,7 +31,7 @@ def _prepared(src: Path, role: str) -> np.ndarray:
 
 
 def pack(data: Path, out: Path, fmt: str = "png", quality: int = 95, splits: tuple[str, ...] = ("train", "val"),
-         val_limit: int | None = None, workers: int = 2, log=print) -> dict:
+         val_limit: int | None = None, workers: int = 2, gzip_records: bool = False, log=print) -> dict:
     if fmt not in ("png", "jpg"):
         raise ValueError(f"format must be png or jpg, got {fmt!r}")
     t0 = time.time()
@@ -84,9 +84,13 @@ def pack(data: Path, out: Path, fmt: str = "png", quality: int = 95, splits: tup
             for s in row.get("seg_masks", []):
                 masks.add(s["path"])
             rows.append(row)
-        with (out / f"{split}.jsonl").open("w", encoding="utf-8") as fh:
-            for row in rows:
-                fh.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+        text = "".join(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n" for row in rows)
+        if gzip_records:
+            import gzip
+
+            (out / f"{split}.jsonl.gz").write_bytes(gzip.compress(text.encode("utf-8"), 9, mtime=0))
+        else:
+            (out / f"{split}.jsonl").write_text(text, encoding="utf-8")
         counts[split] = len(rows)
     for m in sorted(masks):
         (out / m).parent.mkdir(parents=True, exist_ok=True)
@@ -111,9 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quality", type=int, default=95, help="JPEG quality (--format jpg)")
     ap.add_argument("--val-limit", type=int, help="keep only the first N validation records")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--gzip", action="store_true", help="write the records as .jsonl.gz (smaller to carry)")
     a = ap.parse_args(argv)
     try:
-        pack(a.data, a.out, a.format, a.quality, val_limit=a.val_limit, workers=a.workers)
+        pack(a.data, a.out, a.format, a.quality, val_limit=a.val_limit, workers=a.workers, gzip_records=a.gzip)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.modeling_terrascope import Sam2Features, TerraScopeModel, text_relevance
+from model.modeling_terrascope import Sam2Features, TerraScopeModel, pixel_shuffle_v2, text_relevance
 from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, SAM2_MEAN, SAM2_STD
 
 from .data import Example, ExampleBuilder
@@ -53,8 +53,53 @@ class Banks:
                         else torch.zeros(0, lowres, lowres, dtype=torch.uint8, device=device))
         self.device = device
 
+        self.vit_cache: torch.Tensor | None = None  # [T, tokens, 4*C] ViT output after pixel shuffle
+        self.sam_cache: list[torch.Tensor] | None = None  # per level [I, C, h, w]
+        self.sam_pe: torch.Tensor | None = None
+
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.tiles, self.sam, self.targets))
+        extra = [self.vit_cache] if self.vit_cache is not None else []
+        extra += list(self.sam_cache or [])
+        return sum(t.numel() * t.element_size() for t in (self.tiles, self.sam, self.targets, *extra))
+
+    @torch.no_grad()
+    def build_caches(self, model: TerraScopeModel, vit: bool, sam: bool, dtype: torch.dtype,
+                     autocast=None, chunk: int = 64) -> None:
+        """Run the frozen encoders once over every image (a stage that does not train them).
+
+        ``vit`` caches the ViT output before the projector (so ``mlp1`` can still train); ``sam`` caches
+        SAM-2's image embeddings. Steps then cost the LLM and the mask decoder only.
+        """
+        import contextlib
+
+        ctx = autocast or contextlib.nullcontext()
+        self.vit_cache = self.sam_cache = self.sam_pe = None
+        if vit:
+            parts = []
+            for i in range(0, self.tiles.shape[0], chunk):
+                with ctx:
+                    pv = _normalize(self.tiles[i:i + chunk], IMAGENET_MEAN, IMAGENET_STD)
+                    parts.append(vit_features(model, pv).to(dtype))
+            self.vit_cache = torch.cat(parts)
+        if sam:
+            levels: list[list[torch.Tensor]] = []
+            for i in range(0, self.sam.shape[0], chunk):
+                with ctx:
+                    feats = model.sam2_encode(_normalize(self.sam[i:i + chunk], SAM2_MEAN, SAM2_STD))
+                levels.append([e.to(dtype) for e in feats.image_embeddings])
+                self.sam_pe = feats.image_pe.to(dtype)
+            self.sam_cache = [torch.cat([lv[k] for lv in levels]) for k in range(len(levels[0]))]
+
+    def drop_caches(self) -> None:
+        self.vit_cache = self.sam_cache = self.sam_pe = None
+
+
+def vit_features(model: TerraScopeModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """``extract_feature`` without the projector: ViT, CLS dropped, pixel shuffle (tests keep them equal)."""
+    hidden = model.vision_model(pixel_values=pixel_values.to(model.device)).last_hidden_state[:, 1:, :]
+    side = round(hidden.shape[1] ** 0.5)
+    hidden = pixel_shuffle_v2(hidden.reshape(hidden.shape[0], side, side, -1), model.config.downsample_ratio)
+    return hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
 
 
 def _normalize(x: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
@@ -204,8 +249,11 @@ class TrainingForward(nn.Module):
         m = self.model
         lm_model = m.language_model
         # 1. visual tokens of every tile of every sample (ViT + pixel shuffle + mlp1)
-        pv = _normalize(self.banks.tiles[batch.tile_rows], IMAGENET_MEAN, IMAGENET_STD)
-        vit = m.extract_feature(pv)  # [tiles, tokens per tile, H]
+        if self.banks.vit_cache is not None:  # frozen ViT: cached features, the projector still trains
+            vit = m.mlp1(self.banks.vit_cache[batch.tile_rows])
+        else:
+            pv = _normalize(self.banks.tiles[batch.tile_rows], IMAGENET_MEAN, IMAGENET_STD)
+            vit = m.extract_feature(pv)  # [tiles, tokens per tile, H]
         flat = vit.reshape(-1, vit.shape[-1])
         # 2. text embeddings with image tokens and GT-mask region tokens injected
         emb = lm_model.get_input_embeddings()(batch.ids)
@@ -231,8 +279,10 @@ class TrainingForward(nn.Module):
         if batch.seg_b.numel():
             seg_h = hidden[batch.seg_b, batch.seg_pos]
             prompt = m.text_hidden_fcs(seg_h)
-            g = _normalize(self.banks.sam[batch.sam_rows], SAM2_MEAN, SAM2_STD)
-            feats = m.sam2_encode(g)
+            if self.banks.sam_cache is not None:  # frozen SAM-2 image encoder
+                feats = Sam2Features([e[batch.sam_rows] for e in self.banks.sam_cache], self.banks.sam_pe)
+            else:
+                feats = m.sam2_encode(_normalize(self.banks.sam[batch.sam_rows], SAM2_MEAN, SAM2_STD))
             per_seg = Sam2Features([e[batch.seg_frame] for e in feats.image_embeddings], feats.image_pe)
             low, iou_pred, obj = decode_all(m, per_seg, prompt)
             target = self.banks.targets[batch.seg_target].float() / 255.0

@@ -198,3 +198,23 @@ def test_forward_backward_under_bf16_autocast(setup):
     assert model.vision_model.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
     model.requires_grad_(False)
+
+
+def test_cached_frozen_encoders_give_the_same_losses(setup):
+    from model.training.step import vit_features
+
+    _, model, builder, examples, _ = setup
+    exs = [_by_id(examples, r) for r in ("ca0", "bce0", "sar0", "res1")]
+    banks = Banks(examples, torch.device("cpu"))
+    fwd = TrainingForward(model, banks).eval()
+    batch = collate(exs, banks, builder, [True] * 4, 0.0, np.random.default_rng(0), pad_id=0)
+    with torch.no_grad():
+        x = torch.randn(2, 3, 112, 112)
+        assert torch.allclose(model.mlp1(vit_features(model, x)), model.extract_feature(x), atol=1e-6)
+        ref = fwd(batch)
+        banks.build_caches(model, vit=True, sam=True, dtype=torch.float32, chunk=3)
+        assert banks.vit_cache.shape[0] == banks.tiles.shape[0] and len(banks.sam_cache) == 3
+        cached = fwd(batch)
+        banks.drop_caches()
+    for k in ("lm_loss", "seg_loss", "aux_loss"):
+        assert torch.allclose(ref[k], cached[k], atol=1e-5), k
