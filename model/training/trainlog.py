@@ -88,7 +88,8 @@ def plot_log(log_path: str | Path, png_path: str | Path, title: str = "training"
     for i, (name, ss) in enumerate(bounds.items()):
         for a in (ax, ax2):
             a.axvspan(min(ss), max(ss), alpha=0.08 * (i % 2 + 1), color="grey")
-        ax.text(min(ss), ax.get_ylim()[1], name, va="top", fontsize=8)
+        top = ax.get_ylim()[1]
+        ax.text(min(ss), top / (3.0 ** (i % 3)), name, va="top", fontsize=8)  # staggered: short stages
     ax.legend()
     ax2.legend()
     fig.suptitle(title)

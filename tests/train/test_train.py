@@ -131,6 +131,9 @@ def test_shipped_configs_are_valid():
     for name in ("terrascope-mini.json", "terrascope-8b-finetune.json"):
         cfg = load_config(REPO / "configs" / name)
         assert cfg.stages[0].name.startswith("stage1")
+    cont = load_config(REPO / "configs" / "terrascope-mini-continue.json")
+    assert cont.model["checkpoint"] == cont.save_dir == "resources/models/terrascope-mini"
+    assert {"vision", "sam2_image_encoder"}.isdisjoint(cont.stages[-1].train) and cont.stages[-1].cache_frozen
     ft = load_config(REPO / "configs" / "terrascope-8b-finetune.json")
     assert "vision" not in ft.stages[1].train and ft.stages[1].lora is not None
     assert set(ft.stages[0].train) <= {"sam2_mask_decoder", "sam2_prompt_encoder", "seg_projector"}
