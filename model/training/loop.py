@@ -280,7 +280,12 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
     model = build_model(cfg, tok, d)
     if cfg.gradient_checkpointing:
         for sub in (model.vision_model, model.language_model):
-            sub.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            # transformers >= 5.2x renamed it; 5.17 (the GPU box) only has the old name
+            kwargs = {"use_reentrant": False}
+            if hasattr(sub, "activation_checkpointing_enable"):
+                sub.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                sub.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     mcfg = model.config
     builder = ExampleBuilder(mcfg, tok, cfg.max_seq_len)
     kinds = sorted({k for s in cfg.stages for k in s.kinds})
