@@ -10,7 +10,7 @@ PIP_FLAGS := -q --disable-pip-version-check
 export QT_QPA_PLATFORM ?= offscreen
 export PYTHONDONTWRITEBYTECODE := 1
 
-.PHONY: run test test-worker test-qgis test-gpu deps sysdeps bench bench-gpu bench-gpu-pool package train-mini lint clean
+.PHONY: run test test-worker test-qgis test-gpu deps sysdeps bench bench-gpu bench-gpu-pool package pack-data train-mini lint clean
 
 # --- installs (idempotent: stamps make a second run take seconds) ---------------------------
 sysdeps: .stamps/sysdeps
@@ -70,6 +70,11 @@ test-gpu:
 
 package:
 	$(PY) -m qgis_plugin.package --out dist
+
+# Build the Terra-CoT dataset from the EO samples and pack it for a GPU box (see docs/TRAINING.md).
+pack-data: $(VENV)/.stamp
+	$(WPY) -m model.data.build --src $${EO_SAMPLES:?set EO_SAMPLES to the eo-samples folder} --out data/terra-cot-mini --seed 0
+	$(WPY) -m model.training.pack --data data/terra-cot-mini --out .carry/terra-cot-pack --format jpg --quality 85 --val-limit 256 --gzip
 
 train-mini:
 	PY=$(PY) bash scripts/train_mini_gpu.sh

@@ -288,12 +288,18 @@ def cmd_measure(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_bench(args: argparse.Namespace, rest: list[str]) -> int:
+#: Subcommands whose arguments belong to another module's own parser (``terrascope bench ...``).
+PASSTHROUGH = {"bench": "model.bench.cli", "train": "model.train"}
+
+
+def cmd_passthrough(command: str, rest: list[str]) -> int:
+    import importlib
+
     try:
-        from model.bench.cli import main as bench_main
+        entry = importlib.import_module(PASSTHROUGH[command]).main
     except ImportError as exc:
-        raise CliError(f"the benchmark is not available in this install ({exc})") from None
-    return int(bench_main(rest) or 0)
+        raise CliError(f"'terrascope {command}' is not available in this install ({exc})") from None
+    return int(entry(rest) or 0)
 
 
 def cmd_ask(args: argparse.Namespace) -> int:
@@ -390,22 +396,24 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("dir")
     k.set_defaults(func=cmd_keys)
 
-    b = sub.add_parser("bench", help="TerraScope-Bench (model.bench); other arguments are passed on",
-                       add_help=False)
-    b.set_defaults(func=None)
+    sub.add_parser("bench", help="TerraScope-Bench: run a bench file through the worker path (see docs/BENCH.md)",
+                   add_help=False)
+    sub.add_parser("train", help="train or fine-tune from a config (see docs/TRAINING.md)", add_help=False)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    debug = "--debug" in argv[: argv.index("bench")] if "bench" in argv else "--debug" in argv
+    passthrough = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+    if passthrough is not None and argv[passthrough] not in PASSTHROUGH:
+        passthrough = None
+    debug = "--debug" in (argv[:passthrough] if passthrough is not None else argv)
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        if "bench" in argv and all(a.startswith("-") for a in argv[: argv.index("bench")]):
-            i = argv.index("bench")
-            return cmd_bench(parser.parse_args(argv[:i] + ["bench"]), argv[i + 1 :])
+        if passthrough is not None:
+            return cmd_passthrough(argv[passthrough], argv[passthrough + 1 :])
         args = parser.parse_args(argv)
         if args.command == "worker" and args.debug:
             logging.getLogger("terrascope").setLevel(logging.DEBUG)

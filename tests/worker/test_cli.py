@@ -100,14 +100,14 @@ def test_default_model_missing_says_so(tmp_path) -> None:
     assert "embedded model terrascope-mini not found" in line and "--model DIR" in line
 
 
-def test_bench_hook_reports_clearly_when_absent() -> None:
-    proc = cli("bench", "--help")
-    try:
-        import model.bench.cli  # noqa: F401
-    except ImportError:
-        assert proc.returncode == 2 and "benchmark is not available" in one_line_error(proc)
-    else:
-        assert proc.returncode == 0
+def test_bench_and_train_pass_their_arguments_on() -> None:
+    bench = cli("bench", "--help")
+    assert bench.returncode == 0 and "--injection" in bench.stdout
+    train = cli("train", "--help")
+    assert train.returncode == 0 and "--time-budget-s" in train.stdout
+    missing = cli("train", "no-such-config.json")
+    assert missing.returncode != 0 and "Traceback" not in missing.stderr
+    assert "no-such-config.json" in missing.stderr and len(missing.stderr.strip().splitlines()) == 1
 
 
 # --- ask end to end (in-process worker, then a separate worker) ---------------------------------
