@@ -32,8 +32,7 @@ def make_config(path: Path, data: Path, out: Path, tiny: bool, batch_size: int) 
     stage = {"name": "sft", "kinds": ["res", "l1", "l2", "cap"], "batch_size": batch_size, "lr": 3e-4,
              "train": ["vision", "projector", "llm", "llm_embed", "sam2_image_encoder", "sam2_prompt_encoder",
                        "sam2_mask_decoder", "seg_projector"], "ground_prob": 0.8, "ground_jitter": 0.1}
-    if tiny:
-        stage["max_steps"] = 2
+    stage.update({"max_steps": 2} if tiny else {"time_fraction": 1.0})
     cfg = {"name": "ddp-bench", "model": model, "tokenizer": {"vocab_size": 400, "min_frequency": 1},
            "data": str(data), "out": str(out), "stages": [stage], "seed": 0, "log_every": 5, "max_seq_len": 1024,
            "val_limit": 0, "dtype": "bf16" if not tiny else "fp32"}
