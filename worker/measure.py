@@ -375,14 +375,10 @@ def _valid_or_all(valid: Any, shape: tuple[int, ...]) -> np.ndarray | None:
     return v
 
 
-def measure_mask(mask: Any, georef: Georef, valid: np.ndarray | None = None) -> MaskMeasurements:
-    """Area, perimeter, coverage of valid pixels and object count of a mask on the raster's grid.
-
-    Mask pixels that are not valid (nodata/NaN) are ignored: nothing is measurable there. Totals come
-    from per-pixel geodesic areas and edge lengths (``_pixel_fields``), so a mask with 100,000 objects
-    costs no more than one with a single object; grids whose pixels vary too much in size across a block
-    (coarse global grids) are measured exactly on polygons instead.
-    """
+def _masked_coverage(
+    mask: Any, valid: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray | None, int, int, float, list[str]]:
+    """(mask limited to valid pixels, valid mask, valid px, mask px, coverage %, notes): one rule for both measures."""
     m = _as_mask(mask)
     v = _valid_or_all(valid, m.shape)
     if v is not None:
@@ -393,6 +389,18 @@ def measure_mask(mask: Any, georef: Georef, valid: np.ndarray | None = None) -> 
     if valid_px == 0:
         notes.append("no valid pixels: coverage is undefined and reported as 0")
     coverage = 100.0 * area_px / valid_px if valid_px else 0.0
+    return m, v, valid_px, area_px, coverage, notes
+
+
+def measure_mask(mask: Any, georef: Georef, valid: np.ndarray | None = None) -> MaskMeasurements:
+    """Area, perimeter, coverage of valid pixels and object count of a mask on the raster's grid.
+
+    Mask pixels that are not valid (nodata/NaN) are ignored: nothing is measurable there. Totals come
+    from per-pixel geodesic areas and edge lengths (``_pixel_fields``), so a mask with 100,000 objects
+    costs no more than one with a single object; grids whose pixels vary too much in size across a block
+    (coarse global grids) are measured exactly on polygons instead.
+    """
+    m, v, valid_px, area_px, coverage, notes = _masked_coverage(mask, valid)
     count = count_objects(m) if area_px else 0
     hedges, vedges = _edge_counts(m)  # horizontal edges (one column step long), vertical (one row step)
     sx, sy = georef.pixel_size
@@ -421,16 +429,7 @@ def measure_objects(
 
     One polygonisation serves both the totals and per-object attributes (the GeoPackage layers).
     """
-    m = _as_mask(mask)
-    v = _valid_or_all(valid, m.shape)
-    if v is not None:
-        m = m & v
-    valid_px = int(v.sum()) if v is not None else int(m.size)
-    area_px = int(m.sum())
-    notes: list[str] = []
-    if valid_px == 0:
-        notes.append("no valid pixels: coverage is undefined and reported as 0")
-    coverage = 100.0 * area_px / valid_px if valid_px else 0.0
+    m, _, valid_px, area_px, coverage, notes = _masked_coverage(mask, valid)
     objects = object_polygons(m, georef) if area_px else []
     sx, sy = georef.pixel_size
     perim_px = sum(_px_length(p, sx, sy) for p in objects)
