@@ -378,7 +378,7 @@ def _valid_or_all(valid: Any, shape: tuple[int, ...]) -> np.ndarray | None:
 def _masked_coverage(
     mask: Any, valid: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray | None, int, int, float, list[str]]:
-    """(mask limited to valid pixels, valid mask, valid px, mask px, coverage %, notes): one rule for both measures."""
+    """Mask on valid pixels, valid mask, valid px, mask px, coverage % and notes: one rule for both measures."""
     m = _as_mask(mask)
     v = _valid_or_all(valid, m.shape)
     if v is not None:
