@@ -12,7 +12,7 @@ from model.data.numbers import (
     fmt_pct,
     numeric_distractors,
 )
-from model.data.records import Ctx, Record, multiple_choice, pick_option_sentence
+from model.data.records import Ctx, Record, adjacency_record, multiple_choice, pick_option_sentence
 from model.data.scene import be, objects_text, region_text
 from model.data.trace import Trace
 
@@ -154,19 +154,9 @@ def adjacency(ctx: Ctx, a: str, b: str, mc: bool) -> Record:
     ctx.seg(tr, a, region_text(a))
     tr.say(f" and the {region_text(b)}")
     ctx.seg(tr, b, region_text(b))
-    touch = ctx.facts.adjacent(ctx.lf, a, b)
-    if touch:
-        tr.say(ctx.pick((". The two masks share a boundary.", ". Their outlines touch, so they border each other.")))
-    else:
-        gap = ctx.facts.distance_m(ctx.lf, a, b)
-        far = f" (the closest pixels are {fmt_distance(gap)} apart)" if gap is not None else ""
-        tr.say(f". The two masks do not touch{far}, so they do not share a boundary.")
-    value = "Yes" if touch else "No"
-    check = {"op": "adjacent", "segs": [0, 1], "value_text": value}
-    if mc:
-        options, letter = multiple_choice(ctx, value, ["No" if touch else "Yes"])
-        return ctx.record("l1", "adjacency", q, tr, letter, check, options)
-    return ctx.record("l1", "adjacency", q, tr, value, check)
+    return adjacency_record(ctx, "l1", q, tr, a, b, mc,
+                            (". The two masks share a boundary.", ". Their outlines touch, so they border each other."),
+                            " (the closest pixels are {} apart)")
 
 
 def distance(ctx: Ctx, a: str, b: str, mc: bool) -> Record | None:

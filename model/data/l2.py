@@ -14,7 +14,14 @@ from scipy import ndimage
 from model.data.facts import half_mask, location_phrase
 from model.data.l1 import _finish_numeric, count_answer
 from model.data.numbers import area_formatter, fmt_area, fmt_distance, fmt_pct, rel_gap, sig
-from model.data.records import Ctx, Record, multiple_choice, pick_option_sentence
+from model.data.records import (
+    Ctx,
+    Record,
+    adjacency_record,
+    multiple_choice,
+    pick_option_sentence,
+    yes_no_record,
+)
 from model.data.scene import be, objects_text, region_text
 from model.data.trace import Trace
 
@@ -68,12 +75,7 @@ def compare_yesno(ctx: Ctx, a: str, b: str, mc: bool) -> Record | None:
     x, y = _two_areas(ctx, tr, a, b, ra, rb)
     yes = x > y
     tr.say(f" The first is {'larger' if yes else 'smaller'}, so the answer is {'yes' if yes else 'no'}.")
-    value = "Yes" if yes else "No"
-    check = {"op": "larger", "segs": [0, 1], "value_text": value}
-    if mc:
-        options, letter = multiple_choice(ctx, value, ["No" if yes else "Yes"])
-        return ctx.record("l2", "comparison", q, tr, letter, check, options)
-    return ctx.record("l2", "comparison", q, tr, value, check)
+    return yes_no_record(ctx, "l2", "comparison", q, tr, yes, "larger", mc)
 
 
 def larger_of(ctx: Ctx, a: str, b: str, la: str, lb: str, question: str, task: str = "comparison") -> Record | None:
@@ -263,19 +265,8 @@ def largest_adjacency(ctx: Ctx, a: str, b: str, mc: bool) -> Record | None:
     ctx.seg(tr, x, patch)
     tr.say(f" and the {other}")
     ctx.seg(tr, y, other)
-    touch = ctx.facts.adjacent(ctx.lf, x, y)
-    if touch:
-        tr.say(". Their outlines touch, so they share a boundary.")
-    else:
-        gap = ctx.facts.distance_m(ctx.lf, x, y)
-        far = f" (closest pixels {fmt_distance(gap)} apart)" if gap is not None else ""
-        tr.say(f". The two masks do not touch{far}, so they do not share a boundary.")
-    value = "Yes" if touch else "No"
-    check = {"op": "adjacent", "segs": [0, 1], "value_text": value}
-    if mc:
-        options, letter = multiple_choice(ctx, value, ["No" if touch else "Yes"])
-        return ctx.record("l2", "adjacency", q, tr, letter, check, options)
-    return ctx.record("l2", "adjacency", q, tr, value, check)
+    return adjacency_record(ctx, "l2", q, tr, x, y, mc, ". Their outlines touch, so they share a boundary.",
+                            " (closest pixels {} apart)")
 
 
 def dominant(ctx: Ctx, classes: list[str], mc: bool) -> Record | None:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from model.data.facts import Facts
-from model.data.numbers import shuffle_options
+from model.data.numbers import fmt_distance, shuffle_options
 from model.data.scene import Scene
 from model.data.trace import SegRef, Trace
 
@@ -91,3 +91,31 @@ def pick_option_sentence(ctx: Ctx, value_text: str, letter: str) -> str:
         f" So the answer is {letter}: {value_text}.",
         f" Option {letter}, {value_text}, is the closest.",
     ))
+
+
+def yes_no_record(ctx: Ctx, kind: str, task: str, question: str, tr: Trace, yes: bool, op: str,
+                  mc: bool) -> Record:
+    """A Yes/No answer about masks 0 and 1, or its multiple-choice form: one check layout for all."""
+    value = "Yes" if yes else "No"
+    check = {"op": op, "segs": [0, 1], "value_text": value}
+    if mc:
+        options, letter = multiple_choice(ctx, value, ["No" if yes else "Yes"])
+        return ctx.record(kind, task, question, tr, letter, check, options)
+    return ctx.record(kind, task, question, tr, value, check)
+
+
+def adjacency_record(ctx: Ctx, kind: str, question: str, tr: Trace, a: str, b: str, mc: bool,
+                     touch_says: str | tuple[str, ...], far_says: str) -> Record:
+    """Do masks ``a`` and ``b`` share a boundary. Levels word it differently; reasoning and check are one.
+
+    ``touch_says`` is the sentence (or sentences to pick from) when they touch; ``far_says`` the gap
+    clause with ``{}`` for the distance when they do not.
+    """
+    touch = ctx.facts.adjacent(ctx.lf, a, b)
+    if touch:
+        tr.say(touch_says if isinstance(touch_says, str) else ctx.pick(touch_says))
+    else:
+        gap = ctx.facts.distance_m(ctx.lf, a, b)
+        far = far_says.format(fmt_distance(gap)) if gap is not None else ""
+        tr.say(f". The two masks do not touch{far}, so they do not share a boundary.")
+    return yes_no_record(ctx, kind, "adjacency", question, tr, touch, "adjacent", mc)
