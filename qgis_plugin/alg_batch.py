@@ -19,7 +19,6 @@ from qgis.core import (
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterFile,
     QgsProcessingParameterMultipleLayers,
-    QgsProcessingParameterString,
     QgsRasterLayer,
     QgsWkbTypes,
 )
@@ -28,14 +27,12 @@ from qgis.PyQt.QtCore import QVariant
 from .alg_common import (
     TerraScopeAlgorithm,
     add_mask_features,
-    ellipsoid_of,
     mask_fields,
     parse_options,
     read_layer,
 )
 from .client import WorkerError, WorkerUnavailable
 from .errors import describe
-from .headless import ask_windows
 from .rasters import RasterReadError, RasterWindow
 
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".img", ".jp2", ".gpkg", ".nc"}
@@ -81,33 +78,21 @@ def window_polygon(window: RasterWindow) -> QgsGeometry:
 
 
 class AskBatchAlgorithm(TerraScopeAlgorithm):
-    INPUTS, FOLDER, QUESTION, OPTIONS, QUESTIONS_CSV = "INPUTS", "FOLDER", "QUESTION", "OPTIONS", "QUESTIONS_CSV"
+    INPUTS, FOLDER, QUESTIONS_CSV = "INPUTS", "FOLDER", "QUESTIONS_CSV"
     SAR_LAYERS, PAIR_LAYERS, OUTPUT, MASKS = "SAR_LAYERS", "PAIR_LAYERS", "OUTPUT", "MASKS"
-
-    def name(self) -> str:
-        return "ask_batch"
-
-    def displayName(self) -> str:
-        return "Ask about rasters (batch)"
-
-    def shortHelpString(self) -> str:
-        return ("Asks TerraScope every question about every raster (layers and/or a folder) and writes one row per "
+    ALG_ID, ALG_TITLE = "ask_batch", "Ask about rasters (batch)"
+    ALG_HELP = ("Asks TerraScope every question about every raster (layers and/or a folder) and writes one row per "
                 "(raster, question): the raster's extent with answer, choice, reasoning, the number of steps, total "
                 "area_ha and the area of each step. SAR or second-date layers are paired with the rasters in order. "
                 "Optionally writes every mask polygon too. A raster that cannot be used gets its error in the row; "
                 "the batch goes on.")
-
-    def createInstance(self) -> AskBatchAlgorithm:
-        return AskBatchAlgorithm()
 
     def initAlgorithm(self, config=None) -> None:
         self.addParameter(QgsProcessingParameterMultipleLayers(self.INPUTS, "Rasters", QgsProcessing.TypeRaster,
                                                                optional=True))
         self.addParameter(QgsProcessingParameterFile(self.FOLDER, "Or a folder of rasters",
                                                      QgsProcessingParameterFile.Folder, optional=True))
-        self.addParameter(QgsProcessingParameterString(self.QUESTION, "Question", multiLine=True, optional=True))
-        self.addParameter(QgsProcessingParameterString(self.OPTIONS, "Options (one per line or separated by |)",
-                                                       multiLine=True, optional=True))
+        self.add_question_parameters(optional=True)
         self.addParameter(QgsProcessingParameterFile(self.QUESTIONS_CSV, "Or a CSV of questions (columns: question, "
                                                      "options)", extension="csv", optional=True))
         self.addParameter(QgsProcessingParameterMultipleLayers(self.SAR_LAYERS, "SAR layers, paired in order",
@@ -210,10 +195,7 @@ class AskBatchAlgorithm(TerraScopeAlgorithm):
         error = read_error
         if not error:
             try:
-                record = ask_windows(conn.client, question, windows, options,
-                                     settings.generation(), context.transformContext(),
-                                     ellipsoid_of(context), feedback.isCanceled,
-                                 measure_grounding=settings.measure_grounding)
+                record = self.ask(conn, question, windows, options, settings, context, feedback)
                 areas = [s.area_ha for s in record.steps]
                 values.update(answer=record.answer, choice=record.choice or "", reasoning=record.reasoning,
                               steps=len(record.steps), area_ha=sum(a or 0.0 for a in areas),

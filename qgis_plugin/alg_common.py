@@ -26,7 +26,7 @@ from qgis.PyQt.QtCore import QVariant
 from .client import WorkerError, WorkerUnavailable
 from .errors import describe
 from .geometry import effective_ellipsoid
-from .headless import Connection, connect
+from .headless import Connection, ask_windows, connect
 from .rasters import RasterReadError, RasterWindow, read_window
 from .record import AskRecord
 from .settings import PluginSettings, SettingsError, load_settings
@@ -54,13 +54,38 @@ def mask_fields(with_source: bool) -> QgsFields:
 
 
 class TerraScopeAlgorithm(QgsProcessingAlgorithm):
-    """Base: worker parameters (advanced) and helpers."""
+    """Base: identity from class attributes, question and worker parameters, the ask call."""
+
+    #: Each subclass names its id, title and help here; the base answers Processing's identity calls.
+    ALG_ID = ""
+    ALG_TITLE = ""
+    ALG_HELP = ""
+    QUESTION, OPTIONS = "QUESTION", "OPTIONS"
+
+    def name(self) -> str:
+        return self.ALG_ID
+
+    def displayName(self) -> str:
+        return self.ALG_TITLE
+
+    def shortHelpString(self) -> str:
+        return self.ALG_HELP
+
+    def createInstance(self) -> TerraScopeAlgorithm:
+        return type(self)()
 
     def group(self) -> str:
         return ""
 
     def groupId(self) -> str:
         return ""
+
+    def add_question_parameters(self, optional: bool) -> None:
+        """The question and its options, worded the same in every algorithm."""
+        self.addParameter(QgsProcessingParameterString(self.QUESTION, "Question", multiLine=True,
+                                                       optional=optional))
+        self.addParameter(QgsProcessingParameterString(self.OPTIONS, "Options (one per line or separated by |)",
+                                                       multiLine=True, optional=True))
 
     def add_worker_parameters(self) -> None:
         settings = load_settings()
@@ -96,6 +121,14 @@ class TerraScopeAlgorithm(QgsProcessingAlgorithm):
         model = (conn.info.get("model") or {}).get("name") or "?"
         feedback.pushInfo(f"Worker ready: model {model} on {conn.info.get('device') or '?'}")
         return conn
+
+    def ask(self, conn: Connection, question: str, windows: list[RasterWindow], options: list[str],
+            settings: PluginSettings, context: QgsProcessingContext,
+            feedback: QgsProcessingFeedback) -> AskRecord:
+        """One question on read windows with the run's generation settings, ellipsoid and cancel check."""
+        return ask_windows(conn.client, question, windows, options, settings.generation(),
+                           context.transformContext(), ellipsoid_of(context), feedback.isCanceled,
+                           measure_grounding=settings.measure_grounding)
 
 
 def read_layer(layer: QgsRasterLayer, region: QgsRectangle | None, max_side: int, role: str) -> RasterWindow:

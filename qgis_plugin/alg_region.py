@@ -11,47 +11,32 @@ from qgis.core import (
     QgsProcessingParameterExtent,
     QgsProcessingParameterFeatureSink,
     QgsProcessingParameterRasterLayer,
-    QgsProcessingParameterString,
     QgsWkbTypes,
 )
 
 from .alg_common import (
     TerraScopeAlgorithm,
     add_mask_features,
-    ellipsoid_of,
     mask_fields,
     parse_options,
     read_layer,
 )
 from .client import WorkerError, WorkerUnavailable
 from .errors import describe
-from .headless import ask_windows
 from .rasters import RasterReadError
 
 
 class AskRegionAlgorithm(TerraScopeAlgorithm):
-    INPUT, QUESTION, OPTIONS, EXTENT, SAR, PAIR, OUTPUT = "INPUT", "QUESTION", "OPTIONS", "EXTENT", "SAR", "PAIR", "OUTPUT"
-
-    def name(self) -> str:
-        return "ask_region"
-
-    def displayName(self) -> str:
-        return "Ask about a region"
-
-    def shortHelpString(self) -> str:
-        return ("Asks TerraScope one question about a raster (optionally limited to an extent, with a SAR layer "
+    INPUT, EXTENT, SAR, PAIR, OUTPUT = "INPUT", "EXTENT", "SAR", "PAIR", "OUTPUT"
+    ALG_ID, ALG_TITLE = "ask_region", "Ask about a region"
+    ALG_HELP = ("Asks TerraScope one question about a raster (optionally limited to an extent, with a SAR layer "
                 "or a second date) and writes each [SEG] step's mask as polygons with label, step, area_ha "
                 "(ellipsoidal, QgsDistanceArea), perimeter_m and score. The answer, choice and reasoning are "
                 "outputs of the algorithm.")
 
-    def createInstance(self) -> AskRegionAlgorithm:
-        return AskRegionAlgorithm()
-
     def initAlgorithm(self, config=None) -> None:
         self.addParameter(QgsProcessingParameterRasterLayer(self.INPUT, "Raster"))
-        self.addParameter(QgsProcessingParameterString(self.QUESTION, "Question", multiLine=True))
-        self.addParameter(QgsProcessingParameterString(self.OPTIONS, "Options (one per line or separated by |)",
-                                                       multiLine=True, optional=True))
+        self.add_question_parameters(optional=False)
         self.addParameter(QgsProcessingParameterExtent(self.EXTENT, "Region (default: whole raster)", optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(self.SAR, "SAR layer (optional)", optional=True))
         self.addParameter(QgsProcessingParameterRasterLayer(self.PAIR, "Second date (optional: before/after pair)",
@@ -94,9 +79,7 @@ class AskRegionAlgorithm(TerraScopeAlgorithm):
                     lay_region = self.parameterAsExtent(parameters, self.EXTENT, context, lay.crs())
                 windows.append(read_layer(lay, lay_region, max_side, role))
             feedback.setProgress(10)
-            record = ask_windows(conn.client, question, windows, options, settings.generation(),
-                                 context.transformContext(), ellipsoid_of(context), feedback.isCanceled,
-                                 measure_grounding=settings.measure_grounding)
+            record = self.ask(conn, question, windows, options, settings, context, feedback)
         except (WorkerError, WorkerUnavailable, RasterReadError, ValueError) as exc:
             raise QgsProcessingException(describe(exc)) from None
         finally:
