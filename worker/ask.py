@@ -219,7 +219,8 @@ def _report(args: argparse.Namespace, done: dict, masks: list[tuple[dict, np.nda
         obj = {
             "question": args.question, "answer": done.get("answer"), "choice": done.get("choice"),
             "reasoning": done.get("reasoning"), "text": done.get("text"), "masks": rows,
-            "measurements": done.get("measurements"), "timings_ms": done.get("timings_ms"), "model": done.get("model"),
+            "measurements": done.get("measurements"), "checks": done.get("checks") or [],
+            "timings_ms": done.get("timings_ms"), "model": done.get("model"),
             "gpkg": files["gpkg"] if files else None,
             # sliding-window mode only (null otherwise): each window's own answer, and how it was tiled
             "windows": done.get("windows"), "windowed": done.get("windowed"),
@@ -235,6 +236,8 @@ def _report(args: argparse.Namespace, done: dict, masks: list[tuple[dict, np.nda
                       + (f"  (option {w['choice']})" if w.get("choice") else "") + "\n")
     for (ev, _), r in zip(masks, rows):
         out.write(f"  mask {r['step'] + 1} [{r['label']}]: {_fmt(ev.get('measurements') or {})}\n")
+    for check in done.get("checks") or []:
+        out.write(f"  check: {check['message']}\n")
     if files:
         out.write(f"Results: {files['gpkg']} ({len(files['layers'])} layer(s)); masks: "
                   f"{', '.join(files['geotiffs']) or 'none'}\n")

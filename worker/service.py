@@ -334,6 +334,8 @@ class WorkerService:
             if result.stopped == "cancelled" or job.cancel.is_set():
                 self._emit(push, job, P.error_event(req.id, P.CANCELLED, "the request was cancelled"))
                 return
+            from worker.checks import answer_checks
+
             timings = {"queue": (job.started - job.received) * 1000, "prepare": prep_ms}
             timings.update({k: float(v) for k, v in (result.timings_ms or {}).items()})
             timings["total"] = (time.monotonic() - job.received) * 1000
@@ -346,6 +348,7 @@ class WorkerService:
                 text=result.text,
                 stopped=result.stopped,
                 measurements=steps_out,
+                checks=answer_checks(result.answer, steps_out),
                 timings_ms={k: round(v, 3) for k, v in timings.items()},
                 model={k: self._model_info.get(k) for k in ("name", "preset", "device", "dtype")},
                 worker={"pid": os.getpid()},
