@@ -60,6 +60,7 @@ class AskRecord:
     stopped: str = ""
     timings_ms: dict = field(default_factory=dict)
     error: str = ""  # one-line message when the ask failed or was cancelled
+    checks: list[str] = field(default_factory=list)  # the worker's warnings: answer figures no mask measures
     gpkg_path: str = ""
     layer_ids: list[str] = field(default_factory=list)
     group_name: str = ""
@@ -91,6 +92,7 @@ def to_markdown(record: AskRecord) -> str:
         lines += [f"**Choice:** {record.choice}", ""]
     if record.error:
         lines += [f"> **Error:** {record.error}", ""]
+    lines += [f"> **Check:** {message}" for message in record.checks] + ([""] if record.checks else [])
     if record.reasoning.strip():
         lines += ["## Reasoning", "", record.reasoning.strip(), ""]
     if record.steps:

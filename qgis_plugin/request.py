@@ -151,6 +151,7 @@ class EventFolder:
         r.text = str(ev.get("text") or "")
         r.stopped = str(ev.get("stopped") or "")
         r.timings_ms = dict(ev.get("timings_ms") or {})
+        r.checks = [str(c.get("message")) for c in ev.get("checks") or [] if isinstance(c, dict) and c.get("message")]
         model = ev.get("model") or {}
         r.model = str(model.get("name") or model.get("preset") or r.model)
         r.device = str(model.get("device") or r.device)

@@ -314,3 +314,16 @@ def test_qgis_python_client_talks_to_the_worker(worker) -> None:
     assert out["events"][0] == "accepted" and out["events"][-1] == "done" and "mask" in out["events"]
     assert out["masks"][0][:2] == [[40, 40], "uint8"] and out["masks"][0][2] >= 0
     assert out["code"] == P.BAD_FIELD
+
+
+def test_an_answer_figure_no_mask_measures_is_flagged(worker) -> None:
+    """150% can't be any mask's coverage: the `done` event must carry a check naming the measured figure."""
+    header, arrays = small_ask(max_new_tokens=60)
+    header["forced_prefix"] = "<think>The bright square [SEG] covers it.</think><answer>150%</answer>"
+    with worker.client() as c:
+        done = c.ask(header, arrays, on_event=Recorder())
+    assert done["answer"].strip() == "150%"
+    (check,) = done["checks"]
+    measured = done["measurements"][0]["coverage_pct"]
+    assert check["kind"] == "percent" and check["stated"] == 150.0
+    assert check["measured"] == pytest.approx(measured, abs=1e-3) and check["step"] == 0
