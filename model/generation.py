@@ -22,7 +22,7 @@ import torch
 
 from . import fast_decode, prompting, selection
 from .modeling_terrascope import Sam2Features, TerraScopeModel, mask_probabilities, text_relevance
-from .preprocess import TileLayout, dynamic_tiles, normalize_tiles, resize_to, sam2_pixels, single_tile
+from .preprocess import TileLayout, normalize_tiles, resize_to, sam2_pixels, tile_images
 from .types import (
     AnswerResult,
     GenerationSettings,
@@ -83,15 +83,7 @@ def prepare_images(model: TerraScopeModel, images: list[ImageInput]) -> VisualCo
         order = [roles.index("optical"), roles.index("sar")]
         pixels = [pixels[order[0]], resize_to(pixels[order[1]], pixels[order[0]].shape[:2])]
         roles = ["optical", "sar"]
-    tile = cfg.vision.image_size
-    tiles, layouts = [], []
-    for p in pixels:
-        if kind == "single" or (kind == "pair" and cfg.compat == "native"):
-            t, lay = dynamic_tiles(p, cfg.min_dynamic_patch, cfg.max_dynamic_patch, tile, cfg.use_thumbnail)
-        else:
-            t, lay = single_tile(p, tile)
-        tiles.append(t)
-        layouts.append(lay)
+    tiles, layouts = tile_images(cfg, pixels, kind)
     t1 = time.perf_counter()
     pv = torch.from_numpy(normalize_tiles(np.concatenate(tiles)))
     vit = model.extract_feature(pv)

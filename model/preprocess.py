@@ -114,6 +114,22 @@ def single_tile(pixels: np.ndarray, tile: int = 448) -> tuple[np.ndarray, TileLa
     return out, TileLayout(1, 1, tile, False, (h, w))
 
 
+def tile_images(cfg, pixels: list[np.ndarray], kind: str) -> tuple[list[np.ndarray], list[TileLayout]]:
+    """The ViT tiles of each image, as the model sees them: a single image (and an optical+SAR pair in native
+    mode) is dynamically tiled; series, and pairs of the official checkpoint, get one tile per image.
+    ``cfg`` is a TerraScopeConfig; inference and training both call this so they cannot drift apart."""
+    tiles, layouts = [], []
+    for p in pixels:
+        if kind == "single" or (kind == "pair" and cfg.compat == "native"):
+            t, lay = dynamic_tiles(p, cfg.min_dynamic_patch, cfg.max_dynamic_patch, cfg.vision.image_size,
+                                   cfg.use_thumbnail)
+        else:
+            t, lay = single_tile(p, cfg.vision.image_size)
+        tiles.append(t)
+        layouts.append(lay)
+    return tiles, layouts
+
+
 def normalize_tiles(tiles: np.ndarray) -> np.ndarray:
     """uint8 [N,H,W,3] -> float32 [N,3,H,W] with ImageNet normalisation (ToTensor + Normalize)."""
     x = tiles.astype(np.float32) / np.float32(255)

@@ -28,7 +28,7 @@ from PIL import Image
 
 from model import prompting, selection
 from model.configuration_terrascope import TerraScopeConfig
-from model.preprocess import dynamic_tiles, resize_to, sam2_resize, single_tile
+from model.preprocess import resize_to, sam2_resize, tile_images
 
 from .losses import IGNORE_INDEX
 
@@ -143,7 +143,7 @@ class PreparedImages:
 
 
 def prepare_images(cfg: TerraScopeConfig, pixels: list[np.ndarray], roles: list[str]) -> PreparedImages:
-    """Mirror of ``generation.prepare_images`` without the ViT (tests keep both in step)."""
+    """``generation.prepare_images`` without the ViT: the same tiling (``preprocess.tile_images``)."""
     kind = image_kind(roles)
     order = list(range(len(pixels)))
     if kind == "pair":
@@ -151,15 +151,7 @@ def prepare_images(cfg: TerraScopeConfig, pixels: list[np.ndarray], roles: list[
         pixels = [pixels[o], resize_to(pixels[s], pixels[o].shape[:2])]
         roles = ["optical", "sar"]
         order = [0, 1] if o == 0 else [1, 0]
-    tile = cfg.vision.image_size
-    tiles, layouts = [], []
-    for p in pixels:
-        if kind == "single" or (kind == "pair" and cfg.compat == "native"):
-            t, lay = dynamic_tiles(p, cfg.min_dynamic_patch, cfg.max_dynamic_patch, tile, cfg.use_thumbnail)
-        else:
-            t, lay = single_tile(p, tile)
-        tiles.append(t)
-        layouts.append(lay)
+    tiles, layouts = tile_images(cfg, pixels, kind)
     counts = [lay.n_tiles * cfg.tokens_per_tile for lay in layouts]
     offsets = [int(x) for x in np.cumsum([0] + counts[:-1])]
     sam = [sam2_resize(p, cfg.sam2.image_size) for p in pixels]
