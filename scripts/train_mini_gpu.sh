@@ -10,7 +10,10 @@
 #   TIME_BUDGET_S=360     wall-clock budget of phase 1 (configs/terrascope-mini.json: stages 1-2)
 #   CONTINUE_BUDGET_S=270 wall-clock budget of phase 2 (configs/terrascope-mini-continue.json: stage 2b +
 #                         stage 3 with frozen, cached encoders), which starts from phase 1's export
-#   PHASES="1 2"          which phases to run
+#   SEG_BUDGET_S=480      wall-clock budget of phase 3 (configs/terrascope-mini-seg.json: SAM-2 on RES pairs
+#                         with flips/rot90, then stage 5 with frozen, cached encoders), from the current export
+#   PHASES="1 2"          which phases to run ("3" continues the committed model; its pack needs the extra
+#                         fAIr tiles: model.data.extra, see docs/TRAINING.md)
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
 #   ARTEFACTS=            if set: copy the model, log, plot and summary there as <= 8 files (device runs)
 set -euo pipefail
@@ -20,6 +23,7 @@ CONFIG=${CONFIG:-configs/terrascope-mini.json}
 PACK=${PACK:-.carry/terra-cot-pack}
 BUDGET=${TIME_BUDGET_S:-360}
 CONTINUE_BUDGET=${CONTINUE_BUDGET_S:-270}
+SEG_BUDGET=${SEG_BUDGET_S:-480}
 PHASES=${PHASES:-1 2}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
@@ -69,6 +73,7 @@ for phase in $PHASES; do
   case $phase in
     1) RUN=${RUN_DIR:-out/terrascope-mini}; train "$CONFIG" "$BUDGET" "$RUN" "$@" ;;
     2) RUN=${RUN_DIR:-out/terrascope-mini}-continue; train configs/terrascope-mini-continue.json "$CONTINUE_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    3) RUN=${RUN_DIR:-out/terrascope-mini}-seg; train configs/terrascope-mini-seg.json "$SEG_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

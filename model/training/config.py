@@ -55,6 +55,7 @@ class StageConfig:
     ground_jitter: float = 0.0  # relative noise on the span's numbers (teaches nearest-option choice)
     max_grad_norm: float = 1.0
     cache_frozen: bool = True  # run a frozen ViT / SAM-2 image encoder once per image, not every step
+    sam2_dihedral: bool = False  # random flip/rot90 of each SAM-2 input and its mask targets (trained encoder)
 
 
 @dataclass

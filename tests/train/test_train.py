@@ -134,6 +134,9 @@ def test_shipped_configs_are_valid():
     cont = load_config(REPO / "configs" / "terrascope-mini-continue.json")
     assert cont.model["checkpoint"] == cont.save_dir == "resources/models/terrascope-mini"
     assert {"vision", "sam2_image_encoder"}.isdisjoint(cont.stages[-1].train) and cont.stages[-1].cache_frozen
+    seg = load_config(REPO / "configs" / "terrascope-mini-seg.json")
+    assert seg.stages[0].sam2_dihedral and set(seg.stages[0].train) <= {
+        "sam2_image_encoder", "sam2_prompt_encoder", "sam2_mask_decoder", "seg_projector"}
     ft = load_config(REPO / "configs" / "terrascope-8b-finetune.json")
     assert "vision" not in ft.stages[1].train and ft.stages[1].lora is not None
     assert set(ft.stages[0].train) <= {"sam2_mask_decoder", "sam2_prompt_encoder", "seg_projector"}
@@ -212,3 +215,18 @@ def test_export_shards_under_the_cap_and_loads(tmp_path):
     loaded = TerraScope.load(str(out), device="cpu", dtype="float32").model.state_dict()
     for name, t in model.state_dict().items():
         assert torch.equal(loaded[name], t.to(torch.bfloat16).float()), name
+
+
+def test_dihedral_turns_image_and_mask_together():
+    """All 8 symmetries are distinct, and a mask made from the image stays the mask of the turned image."""
+    from model.training.step import dihedral
+
+    img = torch.zeros(8, 6, 6, 3, dtype=torch.uint8)
+    img[:, 0, 1:4, 0] = 200  # an asymmetric L-shape in channel 0
+    img[:, 1:3, 0, 0] = 200
+    mask = (img[..., 0] > 0).to(torch.uint8)
+    ks = torch.arange(8)
+    turned, turned_mask = dihedral(img, ks, (1, 2)), dihedral(mask, ks, (1, 2))
+    assert torch.equal((turned[..., 0] > 0).to(torch.uint8), turned_mask)
+    assert len({bytes(t.flatten().tolist()) for t in turned_mask}) == 8
+    assert torch.equal(turned[0], img[0]) and torch.equal(turned[2], img[2].flip(0).flip(1))
