@@ -330,11 +330,20 @@ class WorkerService:
                 raise P.ProtocolError(P.MODEL_UNAVAILABLE, f"the model is not available: {self.load_error}", req.id)
             if self._answer_windowed(job, push):
                 return
-            result, steps_out, prep_ms = self._answer(job, push)
+            result, steps_out, prep_ms, resolve_in = self._answer(job, push)
             if result.stopped == "cancelled" or job.cancel.is_set():
                 self._emit(push, job, P.error_event(req.id, P.CANCELLED, "the request was cancelled"))
                 return
             from worker.checks import answer_checks
+            from worker.resolve import choice_check, measured_choice
+
+            measured = None
+            try:  # the option the masks support (worker/resolve.py); never at the cost of the answer
+                measured = measured_choice(req.question, req.options, *resolve_in)
+            except Exception:  # noqa: BLE001
+                log.error("request %s: measured choice failed:\n%s", req.id, traceback.format_exc())
+            checks = answer_checks(result.answer, steps_out)
+            checks += [c for c in [choice_check(result.choice, measured, req.options)] if c]
 
             timings = {"queue": (job.started - job.received) * 1000, "prepare": prep_ms}
             timings.update({k: float(v) for k, v in (result.timings_ms or {}).items()})
@@ -348,7 +357,8 @@ class WorkerService:
                 text=result.text,
                 stopped=result.stopped,
                 measurements=steps_out,
-                checks=answer_checks(result.answer, steps_out),
+                measured_choice=measured,
+                checks=checks,
                 timings_ms={k: round(v, 3) for k, v in timings.items()},
                 model={k: self._model_info.get(k) for k in ("name", "preset", "device", "dtype")},
                 worker={"pid": os.getpid()},
@@ -390,7 +400,8 @@ class WorkerService:
         timings = {"queue": (job.started - job.received) * 1000, "plan": plan_ms}
         timings.update(fields.pop("timings_ms"))
         timings["total"] = (time.monotonic() - job.received) * 1000
-        done = P.event("done", req.id, **fields, timings_ms={k: round(v, 3) for k, v in timings.items()},
+        done = P.event("done", req.id, **fields, measured_choice=None,  # stitched masks: not resolved (yet)
+                       timings_ms={k: round(v, 3) for k, v in timings.items()},
                        model={k: self._model_info.get(k) for k in ("name", "preset", "device", "dtype")},
                        worker={"pid": os.getpid()})
         self._emit(push, job, done)
@@ -441,9 +452,11 @@ class WorkerService:
             )
         return prepared
 
-    def _answer(self, job: Job, push: zmq.Socket) -> tuple[AnswerResult, list[dict], float]:
+    def _answer(self, job: Job, push: zmq.Socket) -> tuple[AnswerResult, list[dict], float, tuple[list, list]]:
+        """The model's result, the measured steps, the preparation time, and (steps, images) for resolve."""
         from worker.measure import RasterError, grounding_text, measure_mask
         from worker.raster import mask_to_request_grid
+        from worker.resolve import MeasuredImage, MeasuredStep
 
         req = job.request
         t0 = time.monotonic()
@@ -509,13 +522,16 @@ class WorkerService:
             should_stop=should_stop,
             **extra,
         )
-        steps_out = []
+        steps_out, resolve_steps = [], []
         for step in result.steps:
-            meas = measure(step)[1]
+            mask, meas = measure(step)
             steps_out.append(
                 {"step": step.step, "label": step.label, "image": step.image_index, "score": float(step.score)} | meas
             )
-        return result, steps_out, prep_ms
+            resolve_steps.append(MeasuredStep(step.step, step.label, step.image_index, mask, meas))
+        resolve_images = [MeasuredImage(im.role, p.georef, mask_to_request_grid(p.valid, p))
+                          for p, im in zip(prepared, req.images)]
+        return result, steps_out, prep_ms, (resolve_steps, resolve_images)
 
     # --- IO thread ----------------------------------------------------------------------------
     def _make_router(self) -> zmq.Socket:
