@@ -219,7 +219,8 @@ def _report(args: argparse.Namespace, done: dict, masks: list[tuple[dict, np.nda
         obj = {
             "question": args.question, "answer": done.get("answer"), "choice": done.get("choice"),
             "reasoning": done.get("reasoning"), "text": done.get("text"), "masks": rows,
-            "measurements": done.get("measurements"), "checks": done.get("checks") or [],
+            "measurements": done.get("measurements"), "measured_choice": done.get("measured_choice"),
+            "checks": done.get("checks") or [],
             "timings_ms": done.get("timings_ms"), "model": done.get("model"),
             "gpkg": files["gpkg"] if files else None,
             # sliding-window mode only (null otherwise): each window's own answer, and how it was tiled
@@ -236,6 +237,10 @@ def _report(args: argparse.Namespace, done: dict, masks: list[tuple[dict, np.nda
                       + (f"  (option {w['choice']})" if w.get("choice") else "") + "\n")
     for (ev, _), r in zip(masks, rows):
         out.write(f"  mask {r['step'] + 1} [{r['label']}]: {_fmt(ev.get('measurements') or {})}\n")
+    measured = done.get("measured_choice")
+    if measured:  # the option the masks themselves support (worker/resolve.py)
+        out.write(f"  measured: option {measured['choice']} ({measured['quantity']} {measured['value_text']}): "
+                  f"{measured['message']}\n")
     for check in done.get("checks") or []:
         out.write(f"  check: {check['message']}\n")
     if files:
