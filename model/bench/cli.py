@@ -3,7 +3,10 @@
 
 Without ``--ground``/``--no-ground`` every question runs twice, with and without measurement grounding, and
 both accuracies are reported; the headline numbers (and the ``--json`` line) are the grounded run's.
-With ``--json`` the last line printed is ``{"macro_accuracy", "per_task", "mean_iou", "n"}``.
+When the grounded run is part of it, a third mode, "measured", scores the option the worker's measurements of
+the grounded masks support (``done.measured_choice``). With ``--json`` the last line printed is
+``{"macro_accuracy", "per_task", "mean_iou", "n"}``, plus ``"measured": {"macro_accuracy", "per_task",
+"resolved", "n"}`` when the grounded run is part of it.
 """
 
 from __future__ import annotations
@@ -75,8 +78,9 @@ def main(argv: list[str] | None = None) -> int:
 
         def progress(i: int, n: int, p: E.Prediction) -> None:
             mark = "ok " if p.correct else "err" if p.error else "-- "
+            measured = f" measured={p.measured_choice or '-'}" if p.grounding else ""
             print(f"[{i}/{n}] {mark} {p.task:5s} {'grounded' if p.grounding else 'plain   '} {p.id} "
-                  f"-> {p.choice[:12]!r} (gt {p.answer}) iou={'-' if p.iou is None else f'{p.iou:.2f}'}",
+                  f"-> {p.choice[:12]!r} (gt {p.answer}){measured} iou={'-' if p.iou is None else f'{p.iou:.2f}'}",
                   file=log, flush=True)
 
         try:
@@ -85,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
             answerer.close()
     preds = [p for p, _ in results]
     runs = {("grounded" if m else "not grounded"): E.summarize([p for p in preds if p.grounding == m]) for m in modes}
+    if True in modes:  # the option the grounded masks support, as the worker measured it
+        runs["measured"] = E.summarize(E.measured_predictions(preds), measured=True)
     head = runs[next(iter(runs))]
     meta = {"bench": str(args.file), "model": model_name, "questions": len(items), "injection": args.injection,
             "modes": ", ".join(runs)}
@@ -101,8 +107,13 @@ def main(argv: list[str] | None = None) -> int:
             E.record_outputs(args.out / "outputs.jsonl", results)
         print(f"report: {args.out / 'report.md'}, plot: {args.out / 'plot.png'}", file=log)
     if args.json:
-        print(json.dumps({"macro_accuracy": head.macro_accuracy, "per_task": head.per_task,
-                          "mean_iou": head.mean_iou, "n": head.n}))
+        line = {"macro_accuracy": head.macro_accuracy, "per_task": head.per_task, "mean_iou": head.mean_iou,
+                "n": head.n}
+        if "measured" in runs:
+            m = runs["measured"]
+            line["measured"] = {"macro_accuracy": m.macro_accuracy, "per_task": m.per_task, "resolved": m.resolved,
+                                "n": m.n}
+        print(json.dumps(line))
     return 0
 
 

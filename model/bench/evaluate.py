@@ -8,6 +8,10 @@ Answerers:
   scorer with fixed outputs.
 Scoring uses the official option extraction (``extract.extract_choice``). A question's IoU is the mean,
 over its ground-truth masks, of the best IoU with any predicted mask (0 when the model drew none).
+
+The *measured* mode scores, for the grounded run, the option the worker's own measurements of the masks support
+(``done.measured_choice``, worker/resolve.py) instead of the model's letter; a question the worker could not
+resolve counts as wrong. It is read from the worker's ``done`` event (or a recording), never recomputed here.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import json
 import time
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -37,6 +41,7 @@ class RawAnswer:
     masks: list[tuple[int, np.ndarray]] = field(default_factory=list)  # (image index, bool mask)
     seconds: float = 0.0
     error: str | None = None
+    measured: dict | None = None  # the worker's done.measured_choice (None: no rule applied, or not recorded)
 
 
 class Answerer(Protocol):
@@ -59,6 +64,8 @@ class Prediction:
     seconds: float
     text: str
     error: str | None = None
+    measured_choice: str | None = None  # option letter the masks support (worker/resolve.py), if any
+    measured_quantity: str | None = None
 
 
 def worker_roles(roles: list[str]) -> list[str]:
@@ -95,9 +102,23 @@ def item_iou(item: BenchItem, masks: list[tuple[int, np.ndarray]]) -> float | No
 
 def score(item: BenchItem, raw: RawAnswer, grounding: bool, injection: str) -> Prediction:
     choice = extract_choice(raw.text)
+    measured = raw.measured if isinstance(raw.measured, dict) else {}
+    letter = measured.get("choice")
     return Prediction(item.id, item.task, grounding, injection, item.answer, choice,
                       bool(item.answer) and choice == item.answer.upper(), item_iou(item, raw.masks), len(raw.masks),
-                      raw.seconds, raw.text, raw.error)
+                      raw.seconds, raw.text, raw.error, str(letter).upper() if letter else None,
+                      measured.get("quantity"))
+
+
+def measured_predictions(preds: list[Prediction]) -> list[Prediction]:
+    """The grounded predictions re-scored with the measured choice; unresolved questions count as wrong."""
+    out = []
+    for p in preds:
+        if not p.grounding:
+            continue
+        letter = p.measured_choice or ""
+        out.append(replace(p, choice=letter, correct=bool(p.answer) and letter == p.answer.upper()))
+    return out
 
 
 # -------------------------------------------------------------------------------------- answerers
@@ -144,7 +165,9 @@ class WorkerAnswerer:
             return RawAnswer("", masks, time.monotonic() - t0, f"{exc.code}: {exc.message}")
         if not self.info and done.get("model"):
             self.info = {"model": done.get("model")}
-        return RawAnswer(str(done.get("text") or ""), masks, time.monotonic() - t0)
+        measured = done.get("measured_choice")
+        return RawAnswer(str(done.get("text") or ""), masks, time.monotonic() - t0,
+                         measured=measured if isinstance(measured, dict) else None)
 
     def close(self) -> None:
         import shutil
@@ -157,7 +180,8 @@ class WorkerAnswerer:
 
 
 class RecordedAnswerer:
-    """Replays outputs recorded as JSONL: {"id", "grounding", "injection", "text", "masks": [{"path","image"}]}.
+    """Replays outputs recorded as JSONL: {"id", "grounding", "injection", "text", "masks": [{"path","image"}]},
+    optionally "measured_choice" (the worker's ``done.measured_choice``, an object with at least "choice").
 
     Mask paths are relative to the recording file. A question with no recording for the requested mode
     is answered with an empty text (scored wrong), so a partial recording is visible in the report.
@@ -181,7 +205,9 @@ class RecordedAnswerer:
         if row is None:
             return RawAnswer("", [], 0.0, "no recorded output")
         masks = [(int(m.get("image", 0)), load_mask(self.path.parent / m["path"])) for m in row.get("masks", [])]
-        return RawAnswer(str(row.get("text", "")), masks, float(row.get("seconds", 0.0)))
+        measured = row.get("measured_choice")
+        return RawAnswer(str(row.get("text", "")), masks, float(row.get("seconds", 0.0)),
+                         measured=measured if isinstance(measured, dict) else None)
 
     def close(self) -> None:
         return None
@@ -201,7 +227,7 @@ def record_outputs(path: str | Path, preds: list[tuple[Prediction, RawAnswer]]) 
                 write_mask(path.parent / rel, m)
                 masks.append({"path": rel, "image": img})
             fh.write(json.dumps({"id": p.id, "grounding": p.grounding, "injection": p.injection, "text": raw.text,
-                                 "masks": masks, "seconds": raw.seconds}) + "\n")
+                                 "masks": masks, "seconds": raw.seconds, "measured_choice": raw.measured}) + "\n")
 
 
 # ---------------------------------------------------------------------------------------- running
@@ -252,12 +278,14 @@ class Summary:
     counts: dict[str, int]
     errors: int
     mean_seconds: float
+    resolved: int | None = None  # measured mode: questions the worker resolved (the others count as wrong)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def summarize(preds: list[Prediction]) -> Summary:
+def summarize(preds: list[Prediction], measured: bool = False) -> Summary:
+    """Per-task and macro accuracy, IoU figures; ``measured`` also counts the resolved questions."""
     by_task: dict[str, list[Prediction]] = defaultdict(list)
     for p in preds:
         by_task[p.task].append(p)
@@ -276,4 +304,5 @@ def summarize(preds: list[Prediction]) -> Summary:
         per_task_iou=per_task_iou, counts={t: len(by_task[t]) for t in order},
         errors=sum(p.error is not None for p in preds),
         mean_seconds=float(np.mean([p.seconds for p in preds])) if preds else 0.0,
+        resolved=sum(bool(p.choice) for p in preds) if measured else None,
     )

@@ -19,7 +19,7 @@ def _f(x: float | None) -> str:
 
 
 def markdown(title: str, runs: dict[str, Summary], meta: dict) -> str:
-    """``runs``: label ("grounded", "not grounded") -> summary of that mode."""
+    """``runs``: label ("grounded", "not grounded", "measured") -> summary of that mode."""
     lines = [f"# {title}", ""]
     for k, v in meta.items():
         lines.append(f"- **{k}**: {v}")
@@ -41,10 +41,17 @@ def markdown(title: str, runs: dict[str, Summary], meta: dict) -> str:
                  + f" | **{_f(first.mean_iou)}** |")
     lines.append("")
     for lab, s in runs.items():
+        resolved = f", {s.resolved} of {s.n} resolved" if s.resolved is not None else ""
         lines.append(f"- {lab}: macro {_pct(s.macro_accuracy)} %, micro {_pct(s.micro_accuracy)} %, mean IoU "
                      f"{_f(s.mean_iou)} (correct answers {_f(s.iou_correct)}, incorrect {_f(s.iou_incorrect)}), "
-                     f"{s.errors} errors, {s.mean_seconds:.2f} s per question")
+                     f"{s.errors} errors, {s.mean_seconds:.2f} s per question{resolved}")
     lines.append("")
+    if "measured" in runs:
+        lines.append("*measured*: the option that the worker's own measurements of the grounded run's masks support "
+                     "(`done.measured_choice`, worker/resolve.py: coverage, area, count, distance, adjacency, change "
+                     "or the larger region, nearest option); a question without a measured choice counts as wrong. "
+                     "\"grounded\" and \"not grounded\" are the model's own letters.")
+        lines.append("")
     lines.append("Option extraction follows the official evaluation (leading A-D in `<answer>`, else the first "
                  "stand-alone A-D inside `<answer>`, else the whole response). IoU: per question, the mean over "
                  "ground-truth masks of the best IoU with any predicted `[SEG]` mask.")

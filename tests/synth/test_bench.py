@@ -105,15 +105,20 @@ def _tiny_bench(tmp: Path) -> Path:
     half[:2] = True  # IoU 0.5 with gt
     write_mask(tmp / "p_half.png", half)
     write_mask(tmp / "p_full.png", gt)
+    # measured_choice (the worker's done.measured_choice): q0 right, q1 right, q2 none (wrong), q3 wrong
     rec = [
         {"id": "q0", "grounding": True, "text": "<think>a [SEG]</think><answer>B</answer>",
-         "masks": [{"path": "p_full.png", "image": 0}]},                                    # right, IoU 1
+         "masks": [{"path": "p_full.png", "image": 0}],
+         "measured_choice": {"choice": "B", "quantity": "coverage"}},                     # right, IoU 1
         {"id": "q1", "grounding": True, "text": "<answer>A. 0</answer>",
-         "masks": [{"path": "p_half.png", "image": 0}]},                                    # wrong, IoU 0.5
+         "masks": [{"path": "p_half.png", "image": 0}],
+         "measured_choice": {"choice": "B", "quantity": "coverage"}},                     # wrong, IoU 0.5
         {"id": "q2", "grounding": True, "text": "<answer>the answer is B</answer>", "masks": []},  # right, IoU 0
         {"id": "q3", "grounding": True, "text": "<answer>C</answer>",
-         "masks": [{"path": "p_half.png", "image": 0}, {"path": "p_full.png", "image": 0}]},  # wrong, IoU 1
-        {"id": "q0", "grounding": False, "text": "<answer>A</answer>", "masks": []},
+         "masks": [{"path": "p_half.png", "image": 0}, {"path": "p_full.png", "image": 0}],
+         "measured_choice": {"choice": "A", "quantity": "adjacency"}},                    # wrong, IoU 1
+        {"id": "q0", "grounding": False, "text": "<answer>A</answer>", "masks": [],
+         "measured_choice": {"choice": "B"}},  # not grounded: never part of the measured mode
     ]
     (tmp / "rec.jsonl").write_text("\n".join(json.dumps(r) for r in rec) + "\n")
     return tmp / "bench.jsonl"
@@ -125,7 +130,7 @@ def test_scoring_recorded_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert cli.main([str(path), "--recorded", str(tmp_path / "rec.jsonl"), "--json", "--ground", "--out",
                      str(out)]) == 0
     last = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert set(last) == {"macro_accuracy", "per_task", "mean_iou", "n"}
+    assert set(last) == {"macro_accuracy", "per_task", "mean_iou", "n", "measured"}
     assert last["n"] == 4
     assert last["per_task"] == {"CA": 0.5, "BRD": 0.0, "COUNT": 1.0}
     assert last["macro_accuracy"] == pytest.approx(0.5)
@@ -134,6 +139,32 @@ def test_scoring_recorded_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert res["iou_correct"] == pytest.approx(0.5) and res["iou_incorrect"] == pytest.approx(0.75)
     assert (out / "plot.png").stat().st_size > 10_000 and "| CA (coverage percentage) | 2 |" in \
         (out / "report.md").read_text()
+    # the measured mode: the worker's measured choices of the grounded run, unresolved questions wrong
+    assert last["measured"] == {"macro_accuracy": pytest.approx(1 / 3), "per_task": {"CA": 1.0, "BRD": 0.0, "COUNT": 0.0},
+                                "resolved": 3, "n": 4}
+    results = json.loads((out / "results.json").read_text())
+    assert results["runs"]["measured"]["resolved"] == 3 and results["runs"]["grounded"]["resolved"] is None
+    assert [p["measured_choice"] for p in results["predictions"]] == ["B", "B", None, "A"]
+    report = (out / "report.md").read_text()
+    assert "accuracy % (measured)" in report and "| CA (coverage percentage) | 2 | 50.0 | 100.0 |" in report
+    assert "measured: macro 33.3 %" in report and "3 of 4 resolved" in report
+
+
+def test_measured_choice_is_recorded_and_replayed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """record_outputs keeps done.measured_choice; RecordedAnswerer gives it back; no recording -> no measured mode."""
+    path = _tiny_bench(tmp_path)
+    items = read_bench(path)
+    preds = E.run(items, E.RecordedAnswerer(tmp_path / "rec.jsonl"), [True])
+    E.record_outputs(tmp_path / "again" / "outputs.jsonl", preds)
+    again = E.run(items, E.RecordedAnswerer(tmp_path / "again" / "outputs.jsonl"), [True])
+    assert [p.measured_choice for p, _ in again] == ["B", "B", None, "A"]
+    assert [p.measured_quantity for p, _ in again] == ["coverage", "coverage", None, "adjacency"]
+    summary = E.summarize(E.measured_predictions([p for p, _ in again]), measured=True)
+    assert summary.per_task == {"CA": 1.0, "BRD": 0.0, "COUNT": 0.0} and summary.resolved == 3
+    assert cli.main([str(path), "--recorded", str(tmp_path / "rec.jsonl"), "--json", "--no-ground"]) == 0
+    captured = capsys.readouterr()
+    assert "measured" not in json.loads(captured.out.strip().splitlines()[-1])
+    assert "accuracy % (measured)" not in captured.err
 
 
 def test_both_grounding_modes_are_reported(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -141,6 +172,7 @@ def test_both_grounding_modes_are_reported(tmp_path: Path, capsys: pytest.Captur
     assert cli.main([str(path), "--recorded", str(tmp_path / "rec.jsonl"), "--json"]) == 0
     captured = capsys.readouterr()
     assert "accuracy % (grounded)" in captured.err and "accuracy % (not grounded)" in captured.err
+    assert "accuracy % (measured)" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["macro_accuracy"] == pytest.approx(0.5)
 
 
@@ -200,3 +232,7 @@ def test_questions_go_through_the_real_worker(bench: Path) -> None:
     assert raw.error is None and raw.text
     pred = E.score(item, raw, True, "box")
     assert pred.choice == extract_choice(raw.text) and pred.iou is not None
+    # the measured choice comes from the worker's done event: a letter with its quantity, or nothing
+    assert (raw.measured is None) == (pred.measured_choice is None)
+    if raw.measured is not None:
+        assert pred.measured_choice in item.letters and pred.measured_quantity == raw.measured["quantity"]
