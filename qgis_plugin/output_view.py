@@ -166,6 +166,8 @@ class OutputView(QWidget):
         text = record.answer.strip() or "(no answer)"
         if record.choice and not text.startswith(record.choice):
             text = f"{record.choice}. {text}"
+        if record.measured_choice:  # the option the masks themselves support, computed by the worker
+            text += f"\nMeasured: option {record.measured_choice}"
         for message in record.checks:  # the measured figure is the one to trust: say so under the answer
             text += f"\n⚠ {message[0].upper()}{message[1:]}."
         self.answer.setPlainText(text)

@@ -61,6 +61,8 @@ class AskRecord:
     timings_ms: dict = field(default_factory=dict)
     error: str = ""  # one-line message when the ask failed or was cancelled
     checks: list[str] = field(default_factory=list)  # the worker's warnings: answer figures no mask measures
+    measured_choice: str | None = None  # the option the worker's measurements of the masks support
+    measured: str = ""  # why: what the masks measure and which option that supports
     gpkg_path: str = ""
     layer_ids: list[str] = field(default_factory=list)
     group_name: str = ""
@@ -92,6 +94,8 @@ def to_markdown(record: AskRecord) -> str:
         lines += [f"**Choice:** {record.choice}", ""]
     if record.error:
         lines += [f"> **Error:** {record.error}", ""]
+    if record.measured_choice:
+        lines += [f"**Measured choice:** {record.measured_choice} ({record.measured})", ""]
     lines += [f"> **Check:** {message}" for message in record.checks] + ([""] if record.checks else [])
     if record.reasoning.strip():
         lines += ["## Reasoning", "", record.reasoning.strip(), ""]

@@ -152,6 +152,10 @@ class EventFolder:
         r.stopped = str(ev.get("stopped") or "")
         r.timings_ms = dict(ev.get("timings_ms") or {})
         r.checks = [str(c.get("message")) for c in ev.get("checks") or [] if isinstance(c, dict) and c.get("message")]
+        measured = ev.get("measured_choice")
+        if isinstance(measured, dict) and measured.get("choice"):  # the option the masks support (worker/resolve.py)
+            r.measured_choice = str(measured["choice"])
+            r.measured = str(measured.get("message") or "")
         model = ev.get("model") or {}
         r.model = str(model.get("name") or model.get("preset") or r.model)
         r.device = str(model.get("device") or r.device)

@@ -1,4 +1,4 @@
-"""The worker's checks (answer figures no mask measures) reach the user: answer box and Markdown."""
+"""The worker's checks (answer figures no mask measures) and measured choice reach the user: answer box and Markdown."""
 
 from __future__ import annotations
 
@@ -26,3 +26,30 @@ def test_checks_from_the_done_event_show_under_the_answer(qgis_iface):
     finally:
         view.deleteLater()
     assert f"> **Check:** {MESSAGE}" in to_markdown(record)
+
+
+MEASURED = "mask 1 \"the water\" covers 62.2% of the valid image area, which supports option C (60.0%)"
+
+
+def test_the_measured_choice_shows_under_the_answer_and_in_markdown(qgis_iface):
+    record = AskRecord(question="What share is water?", options=["A. 10.0%", "B. 30.0%", "C. 60.0%"])
+    folder = EventFolder(record, windows=[])
+    folder.on_event({"event": "done", "answer": "A", "choice": "A", "checks": [
+        {"kind": "choice", "stated": "A", "measured": "C", "message": f"the model chose A (10.0%), but {MEASURED}"}],
+        "measured_choice": {"choice": "C", "value": 62.2, "value_text": "62.2%", "quantity": "coverage",
+                            "steps": [0], "message": MEASURED}}, {})
+    assert record.measured_choice == "C" and record.measured == MEASURED
+    view = OutputView()
+    try:
+        view.set_answer(record)
+        lines = view.answer.toPlainText().splitlines()
+        assert lines[0] == "A" and lines[1] == "Measured: option C"
+        assert lines[2].startswith("⚠ The model chose A (10.0%), but mask 1")
+    finally:
+        view.deleteLater()
+    md = to_markdown(record)
+    assert f"**Measured choice:** C ({MEASURED})" in md and md.index("**Measured choice:**") < md.index("> **Check:**")
+    # a done event without one (free-form question, windowed run) shows nothing
+    plain = AskRecord(question="Where?")
+    EventFolder(plain, windows=[]).on_event({"event": "done", "answer": "north", "measured_choice": None}, {})
+    assert plain.measured_choice is None and "Measured" not in to_markdown(plain)
