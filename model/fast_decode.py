@@ -13,7 +13,9 @@ step) is bound by kernel launches and host round trips; at the 8B shape a decode
   pinned buffer), so the only waits are at ``[SEG]`` events (the mask needs the hidden state) and at the end;
 * splits the cache into a prefix part shared by every question about the same image (the image tokens,
   prefilled once per image) and a per-question part, with one joint softmax over both, so a batch of
-  questions about one image reads that image's KV once per step and never copies it.
+  questions about one image reads that image's KV once per step and never copies it;
+* on CUDA, runs single-token steps' attention as one split-K Triton kernel pair (``decode_attention``)
+  instead of four batched GEMMs and a softmax (``TERRASCOPE_DECODE_ATTENTION=triton|bmm``).
 
 The decoder math is Qwen2 written out over the ``transformers`` module's own weights (q/k/v and gate/up are
 fused in place as views, so no second copy of the weights exists and the ``transformers`` path keeps
@@ -29,6 +31,7 @@ What a ``[SEG]`` does (SAM-2 decode, token selection, which embeddings to inject
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -55,6 +58,7 @@ from .types import (
 if TYPE_CHECKING:  # generation imports this module; keep the import one-way at run time
     from .generation import AnswerState, Generator, VisualContext
 
+log = logging.getLogger("terrascope.fast_decode")
 NEG_INF = float("-inf")
 #: Elementwise kernels inside the graphs: "eager" (plain torch ops) or "compiled" (Inductor-fused norm, rope
 #: and SwiGLU). ``make bench-gpu`` times both; set TERRASCOPE_FAST_KERNELS to choose.
@@ -62,6 +66,20 @@ DEFAULT_KERNELS = os.environ.get("TERRASCOPE_FAST_KERNELS", "eager")
 #: Held by graph captures and by the SAM-2 prefetch thread while it issues CUDA calls: a capture must not
 #: see another thread's synchronous CUDA call (a pageable copy, an allocation) while it records.
 _CAPTURE_LOCK = threading.Lock()
+#: Attention of single-token steps: "triton" (split-K kernel, CUDA), "bmm" (batched GEMMs + softmax) or "auto"
+#: (triton where it can run). Read when a decoder is built; the ``attention`` arguments override it.
+ATTENTION_ENV = "TERRASCOPE_DECODE_ATTENTION"
+ATTENTION_MODES = ("auto", "triton", "bmm")
+
+
+def attention_request(attention: str | None = None) -> str:
+    """The requested attention mode: ``attention`` if given, else ``$TERRASCOPE_DECODE_ATTENTION``, else auto."""
+    value = attention if attention is not None else os.environ.get(ATTENTION_ENV, "auto")
+    mode = value.strip().lower() or "auto"
+    if mode not in ATTENTION_MODES:
+        src = "attention" if attention is not None else ATTENTION_ENV
+        raise ValueError(f"{src} must be one of {', '.join(ATTENTION_MODES)}, got {value!r}")
+    return mode
 
 
 # ---- data passed in and out ----------------------------------------------------------------------------------
@@ -259,11 +277,14 @@ class FastDecoder:
     Build once per shape (``get_decoder`` caches them on the model), then per batch: ``set_prefix`` for each
     group (the shared image prompt), then ``generate``. CUDA graphs are captured on first use when the model
     is on CUDA (``use_graphs``); on CPU every step runs eagerly through the same code.
+
+    ``attention`` ("auto", "triton", "bmm"; None reads ``TERRASCOPE_DECODE_ATTENTION``) picks the attention
+    of single-token steps; ``self.attention`` is what runs and ``self.attention_reason`` why not Triton.
     """
 
     def __init__(self, model: TerraScopeModel, *, groups: int = 1, rows_per_group: int = 1,
                  max_prefix: int, max_row_len: int, inject_len: int = 16,
-                 use_graphs: bool | None = None, kernels: str = "eager") -> None:
+                 use_graphs: bool | None = None, kernels: str = "eager", attention: str | None = None) -> None:
         lm = model.language_model.model
         cfg = lm.config
         self.model = model
@@ -306,6 +327,9 @@ class FastDecoder:
         elif kernels != "eager":
             raise ValueError(f"kernels must be 'eager' or 'compiled', got {kernels!r}")
         self._alloc()
+        self._da = None  # the decode_attention module once the Triton path is chosen (imported lazily)
+        self._attn_ws: dict[tuple[int, int], object] = {}  # (pb, sb) -> its decode_attention.Workspace
+        self.attention, self.attention_reason = self._resolve_attention(attention_request(attention))
         self._graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
         self._cur_pb = self.P
         self.prefix_keys: dict[int, tuple] = {}  # group -> what its prefix cache holds (reused across calls)
@@ -344,6 +368,54 @@ class FastDecoder:
         self.idx_r = torch.arange(R, **li).view(1, 1, R, 1)
         self.cap = self.S - self.Linj - 1  # positions are clamped here so no write leaves the cache
 
+    # ---- decode attention ----------------------------------------------------------------------------------
+    def _resolve_attention(self, request: str) -> tuple[str, str]:
+        """("triton" | "bmm", why not triton). Triton runs on CUDA; on CPU only when asked for explicitly under
+        ``TRITON_INTERPRET=1`` (kernel tests). An unavailable Triton is logged, never an error."""
+        if request == "bmm":
+            return "bmm", "requested"
+        from . import decode_attention as da
+
+        if self.device.type != "cuda" and not (request == "triton" and da.interpreting()):
+            return "bmm", f"{self.device.type} device (the kernel is CUDA-only outside TRITON_INTERPRET=1)"
+        reason = da.unavailable_reason()
+        if reason is not None:
+            if request == "triton":
+                log.warning("decode attention: Triton requested but unavailable (%s); using bmm", reason)
+            return "bmm", reason
+        self._da = da
+        return "triton", ""
+
+    def _fallback(self, reason: str) -> None:
+        log.warning("decode attention: the Triton kernel is unusable here (%s); using bmm", reason)
+        self.attention, self.attention_reason = "bmm", reason
+        self._attn_ws.clear()
+
+    def _attn_workspace(self, pb: int, sb: int):
+        """The kernel's buffers for this bucket, created (and the kernel checked) on first use; None = bmm.
+
+        Called before a graph is captured (``_capture``), so a capture never allocates or compiles here. A
+        kernel that fails to compile or disagrees with the bmm math switches this decoder to bmm (logged).
+        """
+        if self.attention != "triton":
+            return None
+        ws = self._attn_ws.get((pb, sb))
+        if ws is not None:
+            return ws
+        if self.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"decode attention buffers for bucket ({pb}, {sb}) were not prepared before capture")
+        try:
+            ws = self._da.Workspace.create(self.G, self.kvh, self.R, self.g, self.d, pb, sb, self.dtype,
+                                           self.device)
+            reason = self._da.self_check(ws, self.P, self.S, self.scale)
+        except Exception as exc:  # noqa: BLE001 - any failure of the optional kernel falls back to bmm
+            reason = f"{type(exc).__name__}: {exc}"
+        if reason is not None:
+            self._fallback(reason)
+            return None
+        self._attn_ws[(pb, sb)] = ws
+        return ws
+
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_pre, self.v_pre, self.k_row, self.v_row))
 
@@ -364,9 +436,11 @@ class FastDecoder:
         nh = self.nh
         ar = torch.arange(L, device=self.device)
         lim = self.pos[:, None] + ar[None, :]  # [B, L] last visible row slot of each query
-        row_mask = torch.where(self.slots[None, None, :sb] <= lim[..., None], 0.0, NEG_INF).to(self.dtype)
-        row_mask = row_mask.view(G, 1, R, 1, L, sb).expand(G, kvh, R, g, L, sb).reshape(G * kvh * R, g * L, sb)
-        pmask = self.pmask[:, :, :pb]
+        ws = self._attn_workspace(pb, sb) if L == 1 else None  # the kernel reads prefix_len and pos itself
+        if ws is None:
+            row_mask = torch.where(self.slots[None, None, :sb] <= lim[..., None], 0.0, NEG_INF).to(self.dtype)
+            row_mask = row_mask.view(G, 1, R, 1, L, sb).expand(G, kvh, R, g, L, sb).reshape(G * kvh * R, g * L, sb)
+            pmask = self.pmask[:, :, :pb]
         plen = self.prefix_len[:, None].expand(G, R).reshape(B)
         abs_pos = (plen + self.pos)[:, None] + ar[None, :]  # [B, L]
         freqs = abs_pos.float()[..., None] * self.inv_freq
@@ -382,15 +456,21 @@ class FastDecoder:
             qkv = torch.addmm(w.bqkv, n1, w.wqkv.t()).view(B, L, nh + 2 * kvh, d)
             kr, vr = self.k_row[li], self.v_row[li]  # [G, kvh, R, S, d]
             q = rope_kv(qkv, cos, sin_s, kr, vr, index, nh, kvh)
-            kp = self.k_pre[li, :, :, :pb].reshape(G * kvh, pb, d)
-            vp = self.v_pre[li, :, :, :pb].reshape(G * kvh, pb, d)
-            krb = kr[:, :, :, :sb].reshape(G * kvh * R, sb, d)
-            vrb = vr[:, :, :, :sb].reshape(G * kvh * R, sb, d)
-            sp = torch.baddbmm(pmask, q.view(G * kvh, R * g * L, d), kp.transpose(1, 2), alpha=self.scale)
-            sr = torch.baddbmm(row_mask, q.view(G * kvh * R, g * L, d), krb.transpose(1, 2), alpha=self.scale)
-            probs = softmax(sp.view(G, kvh, R, g * L, pb), sr.view(G, kvh, R, g * L, sb))
-            o = torch.bmm(probs[..., :pb].reshape(G * kvh, R * g * L, pb), vp)
-            o = torch.baddbmm(o.view(G * kvh * R, g * L, d), probs[..., pb:].reshape(G * kvh * R, g * L, sb), vrb)
+            if ws is not None:  # one split-K kernel pair: prefix + row keys, joint softmax, no masks
+                o = self._da.decode_attention(q, self.k_pre[li, :, :, :pb], self.v_pre[li, :, :, :pb],
+                                              self.prefix_len, kr[:, :, :, :sb], vr[:, :, :, :sb], self.pos,
+                                              self.scale, ws)
+            else:
+                kp = self.k_pre[li, :, :, :pb].reshape(G * kvh, pb, d)
+                vp = self.v_pre[li, :, :, :pb].reshape(G * kvh, pb, d)
+                krb = kr[:, :, :, :sb].reshape(G * kvh * R, sb, d)
+                vrb = vr[:, :, :, :sb].reshape(G * kvh * R, sb, d)
+                sp = torch.baddbmm(pmask, q.view(G * kvh, R * g * L, d), kp.transpose(1, 2), alpha=self.scale)
+                sr = torch.baddbmm(row_mask, q.view(G * kvh * R, g * L, d), krb.transpose(1, 2), alpha=self.scale)
+                probs = softmax(sp.view(G, kvh, R, g * L, pb), sr.view(G, kvh, R, g * L, sb))
+                o = torch.bmm(probs[..., :pb].reshape(G * kvh, R * g * L, pb), vp)
+                o = torch.baddbmm(o.view(G * kvh * R, g * L, d), probs[..., pb:].reshape(G * kvh * R, g * L, sb),
+                                  vrb)
             o = o.view(G, kvh, R, g, L, d).permute(0, 2, 4, 1, 3, 5).reshape(B * L, nh * d)
             h = torch.addmm(h, o, w.wo.t())
             n2 = rms(h, w.ln2, self.eps)
@@ -442,6 +522,8 @@ class FastDecoder:
         Warm-up steps write K/V only at or after each row's position (slots nothing valid occupies yet).
         """
         kind, pb, sb = key
+        if kind == "decode" or self.Linj == 1:  # single-token steps: kernel buffers and check before capture
+            self._attn_workspace(pb, sb)
         saved = [t.clone() for t in (self.pos, self.tok, self.count, self.hidden_out)]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -713,16 +795,18 @@ def _round_up(n: int, m: int) -> int:
 
 
 def get_decoder(model: TerraScopeModel, *, prefix_len: int, max_row_len: int, groups: int = 1,
-                rows_per_group: int = 1, inject_len: int = 16, kernels: str = "eager") -> FastDecoder:
+                rows_per_group: int = 1, inject_len: int = 16, kernels: str = "eager",
+                attention: str | None = None) -> FastDecoder:
     """A cached ``FastDecoder`` large enough for these sizes (rounded up so shapes and graphs get reused)."""
     cache: dict[tuple, FastDecoder] = model.__dict__.setdefault("_ts_fast_decoders", {})
-    key = (groups, rows_per_group, _round_up(prefix_len, 512), _round_up(max_row_len, 256), inject_len, kernels)
+    key = (groups, rows_per_group, _round_up(prefix_len, 512), _round_up(max_row_len, 256), inject_len, kernels,
+           attention_request(attention))
     dec = cache.get(key)
     if dec is None:
         for k in [k for k in cache if k[:2] == key[:2] and k[4:] == key[4:]]:
             del cache[k]  # a bigger decoder of the same batch shape replaces a smaller one
         dec = FastDecoder(model, groups=groups, rows_per_group=rows_per_group, max_prefix=key[2],
-                          max_row_len=key[3], inject_len=inject_len, kernels=kernels)
+                          max_row_len=key[3], inject_len=inject_len, kernels=kernels, attention=key[6])
         cache[key] = dec
     return dec
 
@@ -980,8 +1064,12 @@ def _seg_handler(gen: Generator, states: list[AnswerState], prefetch: _SamPrefet
 
 @torch.no_grad()
 def answer_many(gen: Generator, questions: Sequence[Question], settings: GenerationSettings | None = None,
-                should_stop: StopFn | None = None, kernels: str | None = None) -> list[AnswerResult]:
-    """Answer several questions in one static-cache batch; each image's prompt prefix is prefilled once."""
+                should_stop: StopFn | None = None, kernels: str | None = None,
+                attention: str | None = None) -> list[AnswerResult]:
+    """Answer several questions in one static-cache batch; each image's prompt prefix is prefilled once.
+
+    ``kernels`` and ``attention`` pick the decoder variants (default: ``TERRASCOPE_FAST_KERNELS``,
+    ``TERRASCOPE_DECODE_ATTENTION``)."""
     from .generation import AnswerState, check_settings
 
     settings = settings or GenerationSettings()
@@ -1015,7 +1103,8 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
     width = max(r.embeds.shape[0] for r in rows)
     dec = get_decoder(model, prefix_len=max(p[1].shape[0] for p in prefixes),
                       max_row_len=row_capacity(width, dsettings, inject_len), groups=len(prefixes),
-                      rows_per_group=max(per_group), inject_len=inject_len, kernels=kernels or DEFAULT_KERNELS)
+                      rows_per_group=max(per_group), inject_len=inject_len, kernels=kernels or DEFAULT_KERNELS,
+                      attention=attention)
     longest = max([len(q.forced_ids) for q in questions if q.forced_ids] + [0])
     if longest >= dec.forced.shape[1] and not dec._graphs:
         dec.reserve_forced(_round_up(longest, 256))
