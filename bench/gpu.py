@@ -12,7 +12,9 @@ selection and injection), so each run does the same work whatever the random wei
 Figures: prefill ms, decode ms/token, SAM-2 encode ms, ms per [SEG], end-to-end s/question, peak GPU memory,
 questions/s at batch 1, 8, 32 for shared and distinct images, and the same question through the naive loop
 (``Generator.run`` with the fast path off, SAM-2 re-encoded at each [SEG], like the released code) with the
-ratio. A short table is printed last; ``--out DIR`` gets the full JSON and log.
+ratio. The bare decode step is timed for every (elementwise kernels, decode attention) pair: eager/compiled x
+bmm/Triton split-K (``model/decode_attention.py``); the fastest pair runs the rest and is printed. A short
+table is printed last; ``--out DIR`` gets the full JSON and log.
 """
 
 from __future__ import annotations
@@ -213,12 +215,16 @@ def bench_sam2_encode(ts: TerraScope, args: argparse.Namespace) -> float:
     return median(times)
 
 
-def bench_decode_step(ts: TerraScope, kernels: str, prefix_len: int, steps: int, log: Log) -> dict[str, Any]:
-    """Graph replays of the bare decode step (batch 1, ``prefix_len`` image-prefix tokens): ms/step."""
+def bench_decode_step(ts: TerraScope, kernels: str, attention: str, prefix_len: int, steps: int,
+                      log: Log) -> dict[str, Any]:
+    """Graph replays of the bare decode step (batch 1, ``prefix_len`` image-prefix tokens): ms/step.
+
+    ``attention`` is what was asked for; the result's "attention" is what ran (a Triton kernel that cannot
+    compile or fails its self-check falls back to bmm, and the reason is logged)."""
     model = ts.model
     dev = model.device
     dec = fast_decode.FastDecoder(model, max_prefix=prefix_len, max_row_len=steps + 72, inject_len=32,
-                                  kernels=kernels)
+                                  kernels=kernels, attention=attention)
     h = model.config.llm.hidden_size
     gen = torch.Generator(device=dev).manual_seed(0)
     dec.set_prefix(0, torch.randn(prefix_len, h, device=dev, dtype=model.dtype, generator=gen) * 0.02)
@@ -226,8 +232,12 @@ def bench_decode_step(ts: TerraScope, kernels: str, prefix_len: int, steps: int,
     dec._reset_state()
     dec.pos.fill_(1)
     need = steps + 2  # one row bucket for the whole loop: capture once, then time replays only
-    dec._launch("decode", need)
+    dec._launch("decode", need)  # captures the graph (and checks the attention kernel first)
     sync(dev)
+    label = f"{kernels}/{dec.attention}"
+    if dec.attention != attention:
+        log(f"[decode-step:{kernels}/{attention}] runs {dec.attention} attention: {dec.attention_reason}")
+    plan = next(iter(dec._attn_ws.values())).plan if dec._attn_ws else None
     t0 = time.perf_counter()
     for _ in range(steps):
         dec._launch("decode", need)
@@ -237,19 +247,24 @@ def bench_decode_step(ts: TerraScope, kernels: str, prefix_len: int, steps: int,
                       for t in (lw.wqkv, lw.wo, lw.wgu, lw.wd))
     head_bytes = dec.lm_head_w.numel() * dec.lm_head_w.element_size()
     gbs = (layer_bytes + head_bytes) / (ms * 1e-3) / 1e9
-    log(f"[decode-step:{kernels}] {ms:.3f} ms/step over {steps} replays, prefix {prefix_len}: "
-        f"weights {(layer_bytes + head_bytes) / 1e9:.2f} GB/step -> {gbs:.0f} GB/s")
+    log(f"[decode-step:{label}] {ms:.3f} ms/step over {steps} replays, prefix {prefix_len}: "
+        f"weights {(layer_bytes + head_bytes) / 1e9:.2f} GB/step -> {gbs:.0f} GB/s"
+        + (f"; kernel plan {plan}" if plan else ""))
+    out = {"kernels": kernels, "attention": dec.attention, "attention_requested": attention,
+           "attention_reason": dec.attention_reason if dec.attention != attention else "", "ms_per_step": ms,
+           "weight_gb": (layer_bytes + head_bytes) / 1e9, "gb_s": gbs}
     del dec
-    return {"kernels": kernels, "ms_per_step": ms, "weight_gb": (layer_bytes + head_bytes) / 1e9, "gb_s": gbs}
+    return out
 
 
-def profile_decode_step(ts: TerraScope, kernels: str, prefix_len: int, log: Log, out: Path | None) -> None:
+def profile_decode_step(ts: TerraScope, kernels: str, attention: str, prefix_len: int, log: Log,
+                        out: Path | None) -> None:
     """Per-kernel GPU time of eager decode steps (what a graph replay runs), top entries to the log."""
     from torch.profiler import ProfilerActivity, profile
 
     model = ts.model
     dec = fast_decode.FastDecoder(model, max_prefix=prefix_len, max_row_len=200, inject_len=32, kernels=kernels,
-                                  use_graphs=False)
+                                  use_graphs=False, attention=attention)
     gen = torch.Generator(device=model.device).manual_seed(0)
     dec.set_prefix(0, torch.randn(prefix_len, model.config.llm.hidden_size, device=model.device,
                                   dtype=model.dtype, generator=gen) * 0.02)
@@ -268,7 +283,7 @@ def profile_decode_step(ts: TerraScope, kernels: str, prefix_len: int, log: Log,
         log("  " + line[:150])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"profile_decode_{kernels}.txt").write_text(table + "\n")
+        (out / f"profile_decode_{kernels}_{dec.attention}.txt").write_text(table + "\n")
     del dec
 
 
@@ -287,7 +302,8 @@ def bench_throughput(ts: TerraScope, batch: int, shared: bool, args: argparse.Na
         t_prep = (time.perf_counter() - t0) * 1e3
         qs = [fast_decode.Question(ctx, f"{QUESTION} (view {j})", OPTIONS, trace) for ctx in ctxs
               for j in range(qs_per)]
-        res = fast_decode.answer_many(ts.generator, qs, settings, kernels=args.kernels_chosen)
+        res = fast_decode.answer_many(ts.generator, qs, settings, kernels=args.kernels_chosen,
+                                      attention=args.attention_chosen)
         sync(dev)
         return time.perf_counter() - t0, res, t_prep
 
@@ -346,6 +362,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tp-repeats", type=int, default=1)
     p.add_argument("--workloads", default=None, help="comma list of optical,pair,optical+sar")
     p.add_argument("--kernels", default="eager,compiled", help="decode-step variants to time; the fastest is used")
+    p.add_argument("--attention", default="bmm,triton",
+                   help="decode attention variants to time with each --kernels variant; the fastest pair is used")
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-kernel profile")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
@@ -408,22 +426,29 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             return None
 
-    # 1. bare decode step per kernel variant (graph replay); pick the fastest for the rest
+    # 1. bare decode step per (kernels, attention) variant (graph replay); pick the fastest pair for the rest
     prefix = 5 * ts.model.config.tokens_per_tile + 180
-    variants = [k for k in args.kernels.split(",") if k]
+    variants = [(k, a) for k in args.kernels.split(",") if k for a in args.attention.split(",") if a]
     steps = []
     if dev.type == "cuda":
-        for k in variants:
-            r = guarded(f"decode-step:{k}", bench_decode_step, ts, k, prefix, 200, log)
+        for k, a in variants:
+            r = guarded(f"decode-step:{k}/{a}", bench_decode_step, ts, k, a, prefix, 200, log)
             if r:
                 steps.append(r)
     results["decode_step"] = steps
-    args.kernels_chosen = min(steps, key=lambda r: r["ms_per_step"])["kernels"] if steps else "eager"
+    best = min(steps, key=lambda r: r["ms_per_step"]) if steps else None
+    args.kernels_chosen = best["kernels"] if best else "eager"
+    args.attention_chosen = best["attention"] if best else "bmm"
     if args.kernels_chosen != "eager":
         fast_decode.DEFAULT_KERNELS = args.kernels_chosen
+    os.environ[fast_decode.ATTENTION_ENV] = args.attention_chosen  # every decoder built below uses it
+    results["kernels_chosen"], results["attention_chosen"] = args.kernels_chosen, args.attention_chosen
     log(f"[kernels] using {args.kernels_chosen}")
+    fell_back = sorted({f"{r['attention_requested']}: {r['attention_reason']}" for r in steps
+                        if r["attention"] != r["attention_requested"]})
+    log(f"[attention] using {args.attention_chosen}" + (f" (fell back: {'; '.join(fell_back)})" if fell_back else ""))
     if dev.type == "cuda" and args.profile:
-        guarded("profile", profile_decode_step, ts, args.kernels_chosen, prefix, log, out_dir)
+        guarded("profile", profile_decode_step, ts, args.kernels_chosen, args.attention_chosen, prefix, log, out_dir)
 
     # 2. SAM-2 image encoder
     results["sam2_encode_ms"] = guarded("sam2-encode", bench_sam2_encode, ts, args)
@@ -502,7 +527,11 @@ def table(r: dict[str, Any], log: Log) -> None:
         log(f"naive {kind:<8} e2e {n['e2e_s']:.3f} s, decode {n['decode_ms_per_token']:.2f} ms/token -> "
             f"fast is {ratio:.2f}x faster end to end")
     for s in r.get("decode_step", []):
-        log(f"decode step ({s['kernels']:8}) {s['ms_per_step']:.3f} ms ({s['gb_s']:.0f} GB/s of weights)")
+        note = f" [asked {s['attention_requested']}]" if s["attention"] != s["attention_requested"] else ""
+        log(f"decode step ({s['kernels']:8} {s['attention']:6}) {s['ms_per_step']:.3f} ms "
+            f"({s['gb_s']:.0f} GB/s of weights){note}")
+    if r.get("attention_chosen"):
+        log(f"used: kernels={r.get('kernels_chosen')} attention={r['attention_chosen']}")
     for t in r.get("throughput", []):
         log(f"batch {t['batch']:>2} {'shared  ' if t['shared'] else 'distinct'} ({t['images']:>2} images) "
             f"{t['q_per_s']:7.2f} q/s")

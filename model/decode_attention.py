@@ -96,7 +96,10 @@ if triton is not None:
         tl.store(acc_ptr + (rows[:, None] * n_splits + split) * D + rd[None, :], acc,
                  mask=qmask[:, None] & dmask[None, :])
 
-    @triton.jit
+    # Per-bucket sizes are not specialised on (divisible by 16, == 1): one compile per model shape, not one
+    # per length bucket in the middle of a generation.
+    @triton.jit(do_not_specialize=["pb", "sb", "n_pre_programs", "qblocks_p", "splits_p", "splits_r", "chunk_p",
+                                   "chunk_r", "n_splits"])
     def _partials_kernel(q_ptr, kp_ptr, vp_ptr, kr_ptr, vr_ptr, plen_ptr, pos_ptr, acc_ptr, m_ptr, l_ptr,
                          scale_log2, pb, sb, n_pre_programs, qblocks_p, splits_p, splits_r, chunk_p, chunk_r,
                          n_splits, skp_g, skp_h, skp_t, svp_g, svp_h, svp_t,
@@ -140,7 +143,7 @@ if triton is not None:
                           lo, hi, scale_log2, acc_ptr, m_ptr, l_ptr, ghr * GQ, splits_p + s, n_splits,
                           BQR, BK, D, BD, PRECISION)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["n_splits"])
     def _combine_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, n_splits,
                         D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr):
         """One query: log-sum-exp merge of its partials (empty ones have max -inf and weigh nothing)."""
@@ -282,7 +285,7 @@ def decode_attention(q: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor, 
         BK=p.block_k, PRECISION=precision, num_warps=8 if p.qblock_p >= 64 else 4)
     n_q = ws.G * ws.kvh * ws.R * ws.g
     _combine_kernel[(n_q,)](ws.acc, ws.m, ws.l, ws.out, p.n_splits, D=ws.d, BD=bd,
-                            BS=min(32, _pow2(p.n_splits, 2)), num_warps=4)
+                            BS=16 if p.n_splits <= 16 else 32, num_warps=4)
     return ws.out
 
 
