@@ -103,8 +103,8 @@ _EXIST = re.compile(r"^\s*(is there|are there|does (?:the|this) (?:image|scene|p
                     r"can you (?:find|see|spot|detect)|is any|are any|do you see)\b", re.IGNORECASE)
 _COMPARE = re.compile(r"\b(more|larger|largest|bigger|biggest|greater|most|extensive|dominat\w*|occup\w* more|"
                       r"covers? more)\b", re.IGNORECASE)
-_NOT_COVERED = re.compile(r"\b(within [\d.]+|less than [\d.]+ ?k?m\b|exceed|difference|how much more|rank|order these|"
-                          r"predominantly|mainly)\b", re.IGNORECASE)
+_NOT_COVERED = re.compile(r"\b(within [\d.]+|less than [\d.]+ ?k?m\b|by how much|difference|how much more|rank|"
+                          r"order these|predominantly|mainly)\b", re.IGNORECASE)
 _LARGEST = re.compile(r"\b(largest|biggest)\b", re.IGNORECASE)
 _OTHER = re.compile(r"\b(other|remaining|rest)\b", re.IGNORECASE)
 _HALF = re.compile(r"\b(north|south|west|east)(?:ern)? half\b", re.IGNORECASE)

@@ -184,6 +184,7 @@ def test_change_share_and_count_follow_the_building_change_definition() -> None:
     ("Rank the water and forest by area.", ["water > forest", "forest > water"]),
     ("What share of the water lies within 50 m of the forest?", ["10.0%", "40.0%"]),
     ("How much more area does the water cover than the forest?", ["1 ha", "3 ha"]),
+    ("By how much does the water area exceed the forest area?", ["1 ha", "3 ha"]),
     ("What is the area of the water?", ["1 ha", "a lot"]),
 ])
 def test_no_rule_no_choice(question: str, options: list[str] | None) -> None:
