@@ -250,8 +250,6 @@ def _check(ws: Workspace, q: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Ten
             raise ValueError(f"decode attention: {name} has shape {tuple(t.shape)}, expected {shape}")
         if t.device != ws.out.device:
             raise ValueError(f"decode attention: {name} is on {t.device}, the workspace on {ws.out.device}")
-    if not q.is_contiguous():
-        raise ValueError("decode attention: q must be contiguous ([G, kvh, R, g, 1, d], _rope_kv's output)")
     for name, t in (("k_pre", k_pre), ("v_pre", v_pre), ("k_row", k_row), ("v_row", v_row)):
         if t.stride(-1) != 1:
             raise ValueError(f"decode attention: {name} must have a unit stride on its last (head_dim) axis")
@@ -269,6 +267,7 @@ def decode_attention(q: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor, 
     if triton is None:
         raise RuntimeError(f"decode attention needs triton: {_IMPORT_ERROR}")
     _check(ws, q, k_pre, v_pre, prefix_len, k_row, v_row, pos)
+    q = q.contiguous()  # _rope_kv's output already is; a compiled variant could lay it out otherwise
     p = ws.plan
     n_pre = ws.G * ws.kvh * p.qblocks_p * p.splits_p
     grid = (n_pre + ws.G * ws.kvh * ws.R * p.splits_r,)

@@ -422,6 +422,18 @@ class FastDecoder:
     # ---- the decoder math ------------------------------------------------------------------------------------
     def _forward(self, x: torch.Tensor, n_valid: torch.Tensor, emit: torch.Tensor, pb: int, sb: int,
                  fused: bool = False) -> None:
+        """``_step``; a single-token step whose Triton attention raises (outside a capture) falls back to bmm
+        and runs again: nothing a step writes before its end (K/V at the rows' positions) changes its inputs."""
+        kernel = self.attention == "triton" and x.shape[1] == 1
+        if kernel and not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            try:
+                return self._step(x, n_valid, emit, pb, sb, fused)
+            except Exception as exc:  # noqa: BLE001 - the optional kernel must not take generation down
+                self._fallback(f"the kernel raised in a step: {type(exc).__name__}: {exc}")
+        return self._step(x, n_valid, emit, pb, sb, fused)
+
+    def _step(self, x: torch.Tensor, n_valid: torch.Tensor, emit: torch.Tensor, pb: int, sb: int,
+              fused: bool) -> None:
         """Run rows' tokens ``x`` [B, L, H] at their positions; update cache, hidden_out, tok, pos, count.
 
         Attention reads the first ``pb`` prefix slots and ``sb`` row slots only (length buckets: a step
