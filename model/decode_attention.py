@@ -250,6 +250,8 @@ def _check(ws: Workspace, q: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Ten
             raise ValueError(f"decode attention: {name} has shape {tuple(t.shape)}, expected {shape}")
         if t.device != ws.out.device:
             raise ValueError(f"decode attention: {name} is on {t.device}, the workspace on {ws.out.device}")
+    if q.dtype != ws.out.dtype:
+        raise ValueError(f"decode attention: q is {q.dtype} but the workspace was made for {ws.out.dtype}")
     for name, t in (("k_pre", k_pre), ("v_pre", v_pre), ("k_row", k_row), ("v_row", v_row)):
         if t.stride(-1) != 1:
             raise ValueError(f"decode attention: {name} must have a unit stride on its last (head_dim) axis")
