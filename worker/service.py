@@ -306,6 +306,15 @@ class WorkerService:
             self.model = self._loader()
             info = dict(self.model.info())
             info["load_s"] = round(time.monotonic() - t0, 3)
+            if os.environ.get("TERRASCOPE_WARMUP", "1") != "0" and hasattr(self.model, "warm_up"):
+                # compile kernels and capture graphs now, so no user's first answer waits for them
+                try:
+                    info["warmup_s"] = round(float(self.model.warm_up()), 3)
+                    if info["warmup_s"]:
+                        log.info("warm-up (kernel compile, graph capture) in %.1f s", info["warmup_s"])
+                except Exception as exc:  # noqa: BLE001 - a failed warm-up costs speed, not the model
+                    log.warning("warm-up failed (the first answer will pay the set-up): %s: %s",
+                                type(exc).__name__, exc)
             self._model_info = P.json_safe(info)
             self.state = "ready"
             log.info("model ready in %.1f s: %s", time.monotonic() - t0, info.get("name"))

@@ -30,11 +30,15 @@ def test_8b_random_bf16_forced_seg_on_gpu():
     # no float32 copy of the model ever existed: peak stays close to the bf16 weights themselves
     assert torch.cuda.max_memory_allocated() < 2 * n_params * 1.25
 
+    warm_s = ts.warm_up()  # what the worker runs at load: compile, graphs, cuBLAS
+    assert warm_s > 0
     img = np.random.default_rng(0).integers(0, 256, size=(600, 900, 3), dtype=np.uint8)
+    t1 = time.perf_counter()
     res = ts.answer([ImageInput(img)], "What proportion of the image is water?", ["10%", "25%", "40%", "60%"],
                     settings=GenerationSettings(max_new_tokens=48),
                     forced_prefix="<think>I first identify the water regions [SEG]")
     torch.cuda.synchronize()
+    first_s = time.perf_counter() - t1
     assert len(res.steps) == 1
     step = res.steps[0]
     assert step.mask.shape == (600, 900) and step.mask.dtype == bool
@@ -43,5 +47,6 @@ def test_8b_random_bf16_forced_seg_on_gpu():
     peak_gib = torch.cuda.max_memory_allocated() / 2**30
     gen_tokens = res.timings_ms["generated_tokens"]
     print(f"\n[gpu-smoke] {torch.cuda.get_device_name()} params={n_params / 1e9:.2f}B build={build_s:.1f}s "
+          f"warm-up={warm_s:.1f}s first answer after warm-up={first_s:.2f}s "
           f"peak={peak_gib:.1f}GiB timings={ {k: round(v, 1) for k, v in res.timings_ms.items()} } "
           f"decode_tok_s={gen_tokens / max(res.timings_ms['decode_ms'], 1e-6) * 1e3:.1f} stopped={res.stopped}")

@@ -182,3 +182,8 @@ def test_sharded_checkpoint_with_index_loads_identically(tmp_path, official):
     (folder / "model-00002-of-00002.safetensors").unlink()
     with pytest.raises(CheckpointError, match="missing"):
         load_model(folder, torch.device("cpu"), torch.float32)
+
+
+def test_warm_up_costs_nothing_off_cuda(official):
+    """The worker calls warm_up at load; off CUDA nothing is compiled or captured later, so it does nothing."""
+    assert official.warm_up() == 0.0
