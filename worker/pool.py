@@ -30,6 +30,11 @@ import zmq
 log = logging.getLogger("terrascope.pool")
 
 
+def cpu_share(members: int) -> int:
+    """Threads for one of ``members`` worker processes on this host (at least 1)."""
+    return max(1, (os.cpu_count() or 1) // max(1, members))
+
+
 @dataclass
 class Member:
     index: int
@@ -131,6 +136,9 @@ class Pool:
         env = dict(os.environ)
         if m.gpu is not None:
             env["CUDA_VISIBLE_DEVICES"] = m.gpu
+        # each member gets its share of the cores: N processes with a thread per core each oversubscribe the
+        # host in their CPU phases (raster preparation, tiling) and slow every GPU's feed
+        env.setdefault("OMP_NUM_THREADS", str(cpu_share(len(self.members))))
         cmd = [
             self.python, "-m", "worker.cli", "worker", "--pool-member",
             "--endpoint", self._ep("backend"),
