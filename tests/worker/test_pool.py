@@ -70,6 +70,19 @@ def test_requests_are_spread_over_both_members(pool) -> None:
     np.testing.assert_array_equal(back["a"], big)
 
 
+def test_members_share_the_cores_unless_the_user_chose(pool, monkeypatch) -> None:
+    from worker.pool import cpu_share
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 32)
+    assert (cpu_share(1), cpu_share(2), cpu_share(3), cpu_share(64)) == (32, 16, 10, 1)
+    # the fixture's own OMP_NUM_THREADS=1 reaches each member untouched (setdefault, never override)
+    _, endpoint = pool
+    for pid in _member_pids(endpoint):
+        raw = Path(f"/proc/{pid}/environ").read_text()
+        env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
+        assert env["OMP_NUM_THREADS"] == "1"
+
+
 def test_pool_answers_questions_from_concurrent_clients(pool) -> None:
     _, endpoint = pool
     done: dict[int, dict] = {}
@@ -151,15 +164,3 @@ def test_gpu_lists_map_into_cuda_visible_devices(monkeypatch) -> None:
         with pytest.raises(ValueError, match="no CUDA GPU"):
             visible_gpus("all")
 
-
-def test_members_share_the_cores_unless_the_user_chose(pool, monkeypatch) -> None:
-    from worker.pool import cpu_share
-
-    monkeypatch.setattr(os, "cpu_count", lambda: 32)
-    assert (cpu_share(1), cpu_share(2), cpu_share(3), cpu_share(64)) == (32, 16, 10, 1)
-    # the fixture's own OMP_NUM_THREADS=1 reaches each member untouched (setdefault, never override)
-    _, endpoint = pool
-    for pid in _member_pids(endpoint):
-        raw = Path(f"/proc/{pid}/environ").read_text()
-        env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
-        assert env["OMP_NUM_THREADS"] == "1"
