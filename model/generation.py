@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -67,11 +67,19 @@ def _roles(images: list[ImageInput]) -> tuple[str, list[str]]:
                      f"got {roles}")
 
 
-@torch.no_grad()
-def prepare_images(model: TerraScopeModel, images: list[ImageInput]) -> VisualContext:
-    """Validate, tile and encode the images (ViT + projector). SAM-2 runs lazily at the first [SEG]."""
-    cfg = model.config
-    t0 = time.perf_counter()
+@dataclass
+class _HostImages:
+    """One request after the host stage: validated, pair-aligned and tiled (uint8 tiles, normalised later)."""
+
+    kind: str
+    roles: list[str]
+    pixels: list[np.ndarray]
+    tiles: list[np.ndarray]
+    layouts: list[TileLayout]
+
+
+def _host_images(cfg, images: list[ImageInput]) -> _HostImages:
+    """Validate the images, align a SAR image on its optical pair, and tile them (numpy/PIL only)."""
     kind, roles = _roles(images)
     pixels = [im.pixels for im in images]
     for i, p in enumerate(pixels):
@@ -84,18 +92,71 @@ def prepare_images(model: TerraScopeModel, images: list[ImageInput]) -> VisualCo
         pixels = [pixels[order[0]], resize_to(pixels[order[1]], pixels[order[0]].shape[:2])]
         roles = ["optical", "sar"]
     tiles, layouts = tile_images(cfg, pixels, kind)
+    return _HostImages(kind, roles, pixels, tiles, layouts)
+
+
+def _context(model: TerraScopeModel, host: _HostImages, vit: torch.Tensor, timings: dict[str, float]
+             ) -> VisualContext:
+    """The ``VisualContext`` of one request from its projected ViT tokens [tiles, 256, H]."""
+    counts = [lay.n_tiles * model.config.tokens_per_tile for lay in host.layouts]
+    offsets = np.cumsum([0] + counts[:-1]).astype(int)
+    return VisualContext(host.kind, host.pixels, host.roles, host.layouts, counts, [int(o) for o in offsets],
+                         vit.reshape(-1, vit.shape[-1]), timings_ms=timings)
+
+
+@torch.no_grad()
+def prepare_images(model: TerraScopeModel, images: list[ImageInput]) -> VisualContext:
+    """Validate, tile and encode the images (ViT + projector). SAM-2 runs lazily at the first [SEG]."""
+    t0 = time.perf_counter()
+    host = _host_images(model.config, images)
     t1 = time.perf_counter()
-    pv = torch.from_numpy(normalize_tiles(np.concatenate(tiles)))
+    pv = torch.from_numpy(normalize_tiles(np.concatenate(host.tiles)))
     vit = model.extract_feature(pv)
-    vit_flat = vit.reshape(-1, vit.shape[-1])
-    per_tile = cfg.tokens_per_tile
-    counts = [lay.n_tiles * per_tile for lay in layouts]
-    offsets = list(np.cumsum([0] + counts[:-1]).astype(int))
     if vit.device.type == "cuda":
         torch.cuda.synchronize()
     t2 = time.perf_counter()
-    return VisualContext(kind, pixels, roles, layouts, counts, [int(o) for o in offsets], vit_flat,
-                         timings_ms={"preprocess_ms": (t1 - t0) * 1e3, "vision_ms": (t2 - t1) * 1e3})
+    return _context(model, host, vit, {"preprocess_ms": (t1 - t0) * 1e3, "vision_ms": (t2 - t1) * 1e3})
+
+
+@torch.no_grad()
+def prepare_images_many(model: TerraScopeModel, images_list: Sequence[list[ImageInput]], *,
+                        max_tiles: int | None = None) -> list[VisualContext]:
+    """``prepare_images`` for several requests: host tiling in a thread pool, then ONE ViT + projector forward
+    over every tile of every request (chunks of ``max_tiles`` tiles when given, to bound activation memory).
+
+    The contexts equal ``prepare_images``'s one by one (bit for bit on CPU float32; the batch may change GPU
+    kernels, so within bf16 rounding there). Each context's ``preprocess_ms`` / ``vision_ms`` are the whole
+    batch's wall times (every request waited for all of it); ``prepare_batch`` is the number of requests.
+    """
+    if max_tiles is not None and max_tiles < 1:
+        raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+    if not images_list:
+        return []
+    t0 = time.perf_counter()
+
+    def host_stage(k: int) -> tuple[_HostImages, np.ndarray]:
+        try:
+            host = _host_images(model.config, list(images_list[k]))
+        except ValueError as exc:
+            raise ValueError(f"images_list[{k}]: {exc}") from exc
+        return host, normalize_tiles(np.concatenate(host.tiles))
+
+    todo = range(len(images_list))
+    staged = list(_select_pool().map(host_stage, todo)) if len(images_list) > 1 else [host_stage(0)]
+    pv = torch.from_numpy(np.concatenate([s[1] for s in staged]))
+    t1 = time.perf_counter()
+    step = max_tiles or pv.shape[0]
+    vit = torch.cat([model.extract_feature(pv[i:i + step]) for i in range(0, pv.shape[0], step)])
+    if vit.device.type == "cuda":
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    timings = {"preprocess_ms": (t1 - t0) * 1e3, "vision_ms": (t2 - t1) * 1e3,
+               "prepare_batch": float(len(images_list))}
+    out, start = [], 0
+    for host, tiles in staged:
+        out.append(_context(model, host, vit[start:start + tiles.shape[0]], dict(timings)))
+        start += tiles.shape[0]
+    return out
 
 
 @dataclass
@@ -230,6 +291,59 @@ class Generator:
             ctx.sam_cache[index] = self.model.sam2_encode(g)
         return ctx.sam_cache[index]
 
+    @torch.no_grad()
+    def sam_features_many(self, pairs: Sequence[tuple[VisualContext, int]]) -> list[Sam2Features]:
+        """``sam_features`` of several (context, image) pairs; the uncached ones in ONE batched SAM-2 encode.
+
+        The 1024-px host resizes run in the thread pool (PIL releases the GIL). Each context caches its own
+        frame (a view of the batch), so later [SEG]s read it exactly as if ``sam_features`` had encoded it.
+        """
+        todo: dict[tuple[int, int], tuple[VisualContext, int]] = {}
+        for ctx, index in pairs:
+            if not 0 <= index < len(ctx.pixels):
+                raise ValueError(f"image index {index} out of range for a context of {len(ctx.pixels)} images")
+            if index not in ctx.sam_cache:
+                todo.setdefault((id(ctx), index), (ctx, index))
+        if todo:
+            size = self.model.config.sam2.image_size
+            work = list(todo.values())
+
+            def host(k: int) -> np.ndarray:
+                ctx, index = work[k]
+                return sam2_pixels(ctx.pixels[index], size)
+
+            frames = list(_select_pool().map(host, range(len(work)))) if len(work) > 1 else [host(0)]
+            feats = self.model.sam2_encode(torch.from_numpy(np.stack(frames)))
+            for k, (ctx, index) in enumerate(work):
+                ctx.sam_cache[index] = feats if len(work) == 1 else feats.frame(k)
+        return [ctx.sam_cache[index] for ctx, index in pairs]
+
+    def encode_sam_many(self, ctxs: Sequence[VisualContext]) -> int:
+        """Encode SAM-2 for every image of ``ctxs`` now, in one batched forward (returns how many were new).
+
+        Lazily each image is encoded at its first [SEG], one per call; calling this before decoding a batch
+        trades that for one batched encode, including images that may never be segmented.
+        """
+        pairs = [(ctx, i) for ctx in ctxs for i in range(len(ctx.pixels))]
+        new = len({(id(c), i) for c, i in pairs if i not in c.sam_cache})
+        self.sam_features_many(pairs)
+        return new
+
+    def prepare_many(self, images_list: Sequence[list[ImageInput]], *, sam2: bool = False,
+                     max_tiles: int | None = None) -> list[VisualContext]:
+        """One ``VisualContext`` per request, tiles of all requests through ONE ViT forward
+        (``prepare_images_many``); ``sam2=True`` also encodes every image's SAM-2 features in one forward."""
+        ctxs = prepare_images_many(self.model, images_list, max_tiles=max_tiles)
+        if sam2 and ctxs:
+            dev = self.model.device
+            t0 = time.perf_counter()
+            self.encode_sam_many(ctxs)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            for ctx in ctxs:
+                ctx.timings_ms["sam2_encode_ms"] = (time.perf_counter() - t0) * 1e3
+        return ctxs
+
     def _route(self, ctx: VisualContext, seg_count: int, text_so_far: str) -> int:
         n = len(ctx.pixels)
         if n == 1:
@@ -297,7 +411,6 @@ class Generator:
         hidden = torch.stack([e.hidden for e in events])
         prompts = model.seg_prompt(hidden)
         plan: list[tuple[AnswerState, str, int]] = []
-        feats: list[Sam2Features] = []
         for e in events:
             st = e.state
             text_so_far = self.tok.decode(st.out_ids)
@@ -305,7 +418,8 @@ class Generator:
             if wait_features is not None:
                 wait_features(st.ctx, image)
             plan.append((st, text_so_far, image))
-            feats.append(self.sam_features(st.ctx, image))
+        # images first segmented at this step are encoded together (one batched SAM-2 forward)
+        feats = self.sam_features_many([(st.ctx, image) for st, _, image in plan])
         batch = feats[0] if len(feats) == 1 else Sam2Features(
             [torch.cat([f.image_embeddings[i] for f in feats]) for i in range(len(feats[0].image_embeddings))],
             feats[0].image_pe)

@@ -1,14 +1,16 @@
 """Generation with tiny random models: injection into the live KV cache, SAM-2 caching, routing, SAR/optical
-choice, streaming, cancel, stop rules and measurement grounding."""
+choice, streaming, cancel, stop rules, measurement grounding, and batched preparation (``prepare_many``)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-from conftest import rand_image, tiny_scope
+from conftest import rand_image, tiny_config, tiny_scope
 
-from model.generation import GenerationTrace
+from model.api import TerraScope
+from model.generation import AnswerState, GenerationTrace, SegEvent
+from model.loading import random_model
 from model.modeling_terrascope import text_relevance
 from model.selection import choose_modality
 from model.types import GenerationSettings, ImageInput
@@ -221,3 +223,112 @@ def test_sampling_is_seeded_and_greedy_is_default():
     hot = [ts.answer(ctx, "q", settings=settings(max_new_tokens=15, temperature=5.0, seed=s)).token_ids
            for s in (1, 1, 2)]
     assert hot[0] == hot[1] and hot[0] != hot[2] and hot[0] != greedy[0]
+
+
+# ---- batched preparation (prepare_many) and batched SAM-2 encodes ---------------------------------------------
+def _requests() -> list[list[ImageInput]]:
+    """Requests of every kind, with different tile counts (dynamic tiling, pair alignment, series)."""
+    return [
+        [ImageInput(rand_image(90, 200, seed=1))],  # 2 tiles + thumbnail
+        [ImageInput(rand_image(64, 64, seed=2))],  # 1 tile
+        [ImageInput(rand_image(32, 48, seed=3), "sar"), ImageInput(rand_image(64, 96, seed=4), "optical")],
+        [ImageInput(rand_image(60, 60, seed=5 + i), f"t{i}") for i in range(3)],
+        [ImageInput(rand_image(150, 70, seed=9))],
+    ]
+
+
+def _assert_same_context(a, b, exact: bool = True) -> None:
+    assert (a.kind, a.roles, a.layouts, a.token_counts, a.offsets) == (b.kind, b.roles, b.layouts, b.token_counts,
+                                                                       b.offsets)
+    assert all(np.array_equal(x, y) for x, y in zip(a.pixels, b.pixels)) and len(a.pixels) == len(b.pixels)
+    assert a.vit_flat.shape == b.vit_flat.shape and a.vit_flat.dtype == b.vit_flat.dtype
+    if exact:
+        assert torch.equal(a.vit_flat, b.vit_flat)
+    else:  # bf16: a different batch may pick different kernels; equal within bf16 rounding
+        torch.testing.assert_close(a.vit_flat.float(), b.vit_flat.float(), atol=2e-2, rtol=1.6e-2)
+
+
+@pytest.mark.parametrize("max_tiles", [None, 3])
+def test_prepare_many_equals_prepare_one_by_one(max_tiles):
+    ts = tiny_scope()
+    reqs = _requests()
+    many = ts.generator.prepare_many(reqs, max_tiles=max_tiles)
+    assert len(many) == len(reqs)
+    for req, ctx in zip(reqs, many):
+        _assert_same_context(ctx, ts.prepare(req))
+        assert ctx.timings_ms["prepare_batch"] == len(reqs) and ctx.sam_cache == {}
+    assert ts.generator.prepare_many([]) == []
+
+
+def test_prepare_many_in_bfloat16_is_within_bf16_rounding():
+    ts = TerraScope(random_model(tiny_config(), "cpu", torch.bfloat16, seed=0), tiny_scope().tokenizer, "random")
+    reqs = _requests()
+    for req, ctx in zip(reqs, ts.generator.prepare_many(reqs)):
+        _assert_same_context(ctx, ts.prepare(req), exact=False)
+
+
+def test_prepare_many_sam2_is_one_encode_equal_to_the_lazy_ones():
+    ts = tiny_scope()
+    reqs = _requests()
+    before = ts.model.sam2_encode_calls
+    many = ts.generator.prepare_many(reqs, sam2=True)
+    assert ts.model.sam2_encode_calls - before == 1  # 9 images, one batched forward
+    assert ts.generator.encode_sam_many(many) == 0 and ts.model.sam2_encode_calls - before == 1  # cached
+    for req, ctx in zip(reqs, many):
+        lazy = ts.prepare(req)
+        for i in range(len(req)):
+            got, want = ctx.sam_cache[i], ts.generator.sam_features(lazy, i)
+            assert len(got.image_embeddings) == len(want.image_embeddings)
+            for x, y in zip(got.image_embeddings, want.image_embeddings):
+                assert torch.equal(x, y)
+            assert torch.equal(got.image_pe, want.image_pe)
+    # and the answers about them are the answers about one-by-one contexts
+    for req, ctx in zip(reqs[:3], many[:3]):
+        prefix = "<think>Image: t1 the field [SEG] and the optical [SEG]"
+        a = ts.answer(ctx, "Where?", settings=settings(max_new_tokens=30), forced_prefix=prefix)
+        b = ts.answer(req, "Where?", settings=settings(max_new_tokens=30), forced_prefix=prefix)
+        assert a.token_ids == b.token_ids and len(a.steps) == len(b.steps) == 2
+        for x, y in zip(a.steps, b.steps):
+            assert np.array_equal(x.mask, y.mask) and x.token_indices == y.token_indices
+
+
+def test_first_segs_of_one_step_share_one_sam2_encode():
+    """Several answers hitting [SEG] at the same step (the batched fast path) encode their images together."""
+    ts = tiny_scope()
+    gen, h = ts.generator, ts.model.config.llm.hidden_size
+    reqs = _requests()[:2] + _requests()[4:]
+    hidden = torch.randn(len(reqs), h, generator=torch.Generator().manual_seed(0))
+
+    def handle(ctxs, rows):
+        states = [AnswerState(gen, ctx, "q", settings()) for ctx in ctxs]
+        for st in states:
+            st.out_ids = ts.tokenizer.encode("<think>the water [SEG]")
+        fed: dict[int, torch.Tensor] = {}  # row -> its injected region embeddings
+        gen.handle_segs([SegEvent(states[r], hidden[r]) for r in rows],
+                        lambda i, kind, emb, ids: fed.setdefault(rows[i], emb))
+        return states, fed
+
+    before = ts.model.sam2_encode_calls
+    batched, fed_b = handle([ts.prepare(r) for r in reqs], list(range(len(reqs))))
+    assert ts.model.sam2_encode_calls - before == 1
+    ctxs = [ts.prepare(r) for r in reqs]
+    single = [handle(ctxs, [r]) for r in range(len(reqs))]
+    assert ts.model.sam2_encode_calls - before == 1 + len(reqs)
+    for r, (states, fed) in enumerate(single):
+        x, y = batched[r].steps[0], states[r].steps[0]
+        assert np.array_equal(x.mask, y.mask) and x.token_indices == y.token_indices
+        assert x.score == pytest.approx(y.score, abs=1e-6)
+        assert x.token_indices and r in fed_b
+        torch.testing.assert_close(fed_b[r], fed[r])
+
+
+def test_prepare_many_errors_name_the_request():
+    ts = tiny_scope()
+    bad = [[ImageInput(rand_image(20, 20))], [ImageInput(np.zeros((10, 10, 3), np.float32))]]
+    with pytest.raises(ValueError, match=r"images_list\[1\].*uint8"):
+        ts.generator.prepare_many(bad)
+    with pytest.raises(ValueError, match="max_tiles"):
+        ts.generator.prepare_many(bad[:1], max_tiles=0)
+    ctx = ts.prepare(bad[0])
+    with pytest.raises(ValueError, match="image index 1 out of range"):
+        ts.generator.sam_features_many([(ctx, 1)])
