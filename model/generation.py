@@ -1,7 +1,8 @@
 """Pixel-grounded generation: prefill, greedy/sampled decode, [SEG] -> mask -> token injection.
 
 One ``VisualContext`` holds everything computed from the images (ViT tokens, layouts, the SAM-2 embedding
-cache, optical/SAR relevance); it is built once and shared by every question about those images. The loop
+cache, optical/SAR relevance); it is built once and shared by every question about those images
+(``Generator.prepare_many`` builds several with one ViT forward, for a batch). The loop
 keeps one live KV cache: a [SEG] step's hidden state prompts SAM-2, the selected visual tokens are fed as
 ``inputs_embeds`` at the next positions (nothing is re-encoded), then an optional grounding text span, and
 decoding resumes from the last injected position. ``Generator.handle_segs`` is that [SEG] handling for one
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 
 from . import fast_decode, prompting, selection
+from .configuration_terrascope import TerraScopeConfig
 from .modeling_terrascope import Sam2Features, TerraScopeModel, mask_probabilities, text_relevance
 from .preprocess import TileLayout, normalize_tiles, resize_to, sam2_pixels, tile_images
 from .types import (
@@ -78,7 +80,7 @@ class _HostImages:
     layouts: list[TileLayout]
 
 
-def _host_images(cfg, images: list[ImageInput]) -> _HostImages:
+def _host_images(cfg: TerraScopeConfig, images: list[ImageInput]) -> _HostImages:
     """Validate the images, align a SAR image on its optical pair, and tile them (numpy/PIL only)."""
     kind, roles = _roles(images)
     pixels = [im.pixels for im in images]
@@ -249,6 +251,8 @@ class SegEvent:
 InjectFn = Callable[[int, str, torch.Tensor, list[int]], None]
 
 _SELECT_POOL: ThreadPoolExecutor | None = None
+#: Images per batched SAM-2 image-encoder forward (``Generator.sam_features_many``): bounds its activations.
+SAM2_MAX_FRAMES = 8
 
 
 def _select_pool() -> ThreadPoolExecutor:
@@ -292,12 +296,16 @@ class Generator:
         return ctx.sam_cache[index]
 
     @torch.no_grad()
-    def sam_features_many(self, pairs: Sequence[tuple[VisualContext, int]]) -> list[Sam2Features]:
-        """``sam_features`` of several (context, image) pairs; the uncached ones in ONE batched SAM-2 encode.
+    def sam_features_many(self, pairs: Sequence[tuple[VisualContext, int]],
+                          max_frames: int = SAM2_MAX_FRAMES) -> list[Sam2Features]:
+        """``sam_features`` of several (context, image) pairs; the uncached ones in ONE batched SAM-2 encode
+        (or one per ``max_frames`` images: a 1024-px Hiera-L forward holds a few hundred MB per frame).
 
         The 1024-px host resizes run in the thread pool (PIL releases the GIL). Each context caches its own
         frame (a view of the batch), so later [SEG]s read it exactly as if ``sam_features`` had encoded it.
         """
+        if max_frames < 1:
+            raise ValueError(f"max_frames must be >= 1, got {max_frames}")
         todo: dict[tuple[int, int], tuple[VisualContext, int]] = {}
         for ctx, index in pairs:
             if not 0 <= index < len(ctx.pixels):
@@ -313,12 +321,14 @@ class Generator:
                 return sam2_pixels(ctx.pixels[index], size)
 
             frames = list(_select_pool().map(host, range(len(work)))) if len(work) > 1 else [host(0)]
-            feats = self.model.sam2_encode(torch.from_numpy(np.stack(frames)))
-            for k, (ctx, index) in enumerate(work):
-                ctx.sam_cache[index] = feats if len(work) == 1 else feats.frame(k)
+            for lo in range(0, len(work), max_frames):
+                chunk = work[lo:lo + max_frames]
+                feats = self.model.sam2_encode(torch.from_numpy(np.stack(frames[lo:lo + max_frames])))
+                for k, (ctx, index) in enumerate(chunk):
+                    ctx.sam_cache[index] = feats if len(chunk) == 1 else feats.frame(k)
         return [ctx.sam_cache[index] for ctx, index in pairs]
 
-    def encode_sam_many(self, ctxs: Sequence[VisualContext]) -> int:
+    def encode_sam_many(self, ctxs: Sequence[VisualContext], max_frames: int = SAM2_MAX_FRAMES) -> int:
         """Encode SAM-2 for every image of ``ctxs`` now, in one batched forward (returns how many were new).
 
         Lazily each image is encoded at its first [SEG], one per call; calling this before decoding a batch
@@ -326,13 +336,14 @@ class Generator:
         """
         pairs = [(ctx, i) for ctx in ctxs for i in range(len(ctx.pixels))]
         new = len({(id(c), i) for c, i in pairs if i not in c.sam_cache})
-        self.sam_features_many(pairs)
+        self.sam_features_many(pairs, max_frames)
         return new
 
     def prepare_many(self, images_list: Sequence[list[ImageInput]], *, sam2: bool = False,
                      max_tiles: int | None = None) -> list[VisualContext]:
-        """One ``VisualContext`` per request, tiles of all requests through ONE ViT forward
-        (``prepare_images_many``); ``sam2=True`` also encodes every image's SAM-2 features in one forward."""
+        """One ``VisualContext`` per request, the tiles of all requests through ONE ViT forward
+        (``prepare_images_many``). ``sam2=True`` also encodes every image's SAM-2 features now, in batched
+        forwards of up to ``SAM2_MAX_FRAMES`` images (``encode_sam_many``; timed as ``sam2_encode_ms``)."""
         ctxs = prepare_images_many(self.model, images_list, max_tiles=max_tiles)
         if sam2 and ctxs:
             dev = self.model.device

@@ -94,7 +94,8 @@ def spatial_uniform_sample(indices: Sequence[int], grid: np.ndarray, side: int, 
     A ⌈√target⌉² grid over the bounding box of ``grid`` (steps of at least one cell, float edges
     ``r0 + i * step`` as the release computes them); in raster order, each occupied cell gives the position
     nearest its centre (the first in ``indices`` order on ties) until ``target`` picks. An empty ``grid``
-    gives ``indices[:target]``. Equality with ``official_spatial_uniform_sample_reference`` is a property test.
+    gives ``indices[:target]``. Equality with ``official_spatial_uniform_sample`` (the release's loop, kept
+    below as the reference) is a property test.
     """
     rows_, cols_ = np.where(grid)
     if len(rows_) == 0:

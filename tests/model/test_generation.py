@@ -272,7 +272,7 @@ def test_prepare_many_sam2_is_one_encode_equal_to_the_lazy_ones():
     reqs = _requests()
     before = ts.model.sam2_encode_calls
     many = ts.generator.prepare_many(reqs, sam2=True)
-    assert ts.model.sam2_encode_calls - before == 1  # 9 images, one batched forward
+    assert ts.model.sam2_encode_calls - before == 1  # 8 images, one batched forward
     assert ts.generator.encode_sam_many(many) == 0 and ts.model.sam2_encode_calls - before == 1  # cached
     for req, ctx in zip(reqs, many):
         lazy = ts.prepare(req)
@@ -290,6 +290,22 @@ def test_prepare_many_sam2_is_one_encode_equal_to_the_lazy_ones():
         assert a.token_ids == b.token_ids and len(a.steps) == len(b.steps) == 2
         for x, y in zip(a.steps, b.steps):
             assert np.array_equal(x.mask, y.mask) and x.token_indices == y.token_indices
+
+
+def test_sam2_batches_are_capped_by_max_frames():
+    ts = tiny_scope()
+    reqs = _requests()
+    one = [ts.prepare(r) for r in reqs]
+    chunked = [ts.prepare(r) for r in reqs]
+    before = ts.model.sam2_encode_calls
+    assert ts.generator.encode_sam_many(chunked, max_frames=3) == 8
+    assert ts.model.sam2_encode_calls - before == 3  # 3 + 3 + 2 frames
+    for a, b in zip(one, chunked):
+        for i in range(len(a.pixels)):
+            want = ts.generator.sam_features(a, i)
+            assert all(torch.equal(x, y) for x, y in zip(b.sam_cache[i].image_embeddings, want.image_embeddings))
+    with pytest.raises(ValueError, match="max_frames"):
+        ts.generator.encode_sam_many(one, max_frames=0)
 
 
 def test_first_segs_of_one_step_share_one_sam2_encode():
