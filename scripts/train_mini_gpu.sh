@@ -12,8 +12,8 @@
 #                         stage 3 with frozen, cached encoders), which starts from phase 1's export
 #   SEG_BUDGET_S=480      wall-clock budget of phase 3 (configs/terrascope-mini-seg.json: SAM-2 on RES pairs
 #                         with flips/rot90, then stage 5 with frozen, cached encoders), from the current export
-#   PHASES="1 2"          which phases to run ("3" continues the committed model; its pack needs the extra
-#                         fAIr tiles: model.data.extra, see docs/TRAINING.md)
+#   PHASES="1 2 3"        which phases to run (each continues from the previous export; phase 3 uses the
+#                         extra fAIr tiles that model.data.extra adds to the pack, see docs/TRAINING.md)
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
 #   ARTEFACTS=            if set: copy the model, log, plot and summary there as <= 8 files (device runs)
 set -euo pipefail
@@ -24,7 +24,7 @@ PACK=${PACK:-.carry/terra-cot-pack}
 BUDGET=${TIME_BUDGET_S:-360}
 CONTINUE_BUDGET=${CONTINUE_BUDGET_S:-270}
 SEG_BUDGET=${SEG_BUDGET_S:-480}
-PHASES=${PHASES:-1 2}
+PHASES=${PHASES:-1 2 3}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
 RUN=${RUN_DIR:-out/terrascope-mini}
@@ -35,8 +35,9 @@ if [ ! -f "$PACK/train.jsonl" ] && [ ! -f "$PACK/train.jsonl.gz" ]; then
   if [ ! -f "$DATA/train.jsonl" ]; then
     "$PY" -m model.data.build --src "${EO_SAMPLES:?the pack $PACK is missing: set EO_SAMPLES to build it}" \
       --out "$DATA" --seed 0
+    "$PY" -m model.data.extra --src "$EO_SAMPLES" --data "$DATA" --l1-per-tile 2
   fi
-  "$PY" -m model.training.pack --data "$DATA" --out "$PACK" --format jpg --quality 85 --val-limit 256 --gzip
+  "$PY" -m model.training.pack --data "$DATA" --out "$PACK" --format jpg --quality 80 --val-limit 64 --gzip
 fi
 
 "$PY" - <<'PYEOF'
