@@ -167,11 +167,17 @@ def route_marker(text: str) -> str | None:
     return found[-1].lower() if found else None
 
 
+_SPAN = re.compile(r"\[(?!SEG\])[^\[\]]*\]")
+
+
 def seg_label(text_before: str) -> str:
     """The phrase that introduced a [SEG]: text since the previous region, last clause, tokens removed."""
     part = text_before.rstrip().removesuffix("[SEG]")
     for sep in ("[SEG]", "<REGION>"):
         part = part.rsplit(sep, 1)[-1]
+    # the measurement span injected after the previous mask (" [area 0.16 ha, 27.0% of valid area, ...]") is
+    # worker input, not the model's words: drop it before splitting clauses at its decimal points
+    part = _SPAN.sub(" ", part)
     part = clean(_MARKER.sub(" ", part))
     clause = re.split(r"[.;:\n!?]", part)[-1].strip(" ,")
     return clause or part.strip()

@@ -52,6 +52,9 @@ def test_route_marker_and_label():
     assert route_marker("no marker") is None
     assert seg_label("<think>I first identify the water regions [SEG]") == "I first identify the water regions"
     assert seg_label("a [SEG]<REGION> then, Image: t1 the new roads [SEG]") == "then, the new roads"
+    # the measurement span injected after the previous mask is not part of the next label
+    assert seg_label("I segment the water [SEG]<REGION> [area 211.61 ha, 10.3% of valid area, 83 objects] "
+                     "and the background [SEG]") == "and the background"
 
 
 def test_option_labels_written_by_users_are_not_doubled():
