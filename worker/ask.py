@@ -148,7 +148,18 @@ def _write(out: str, question: str, done: dict, masks: list[tuple[dict, np.ndarr
     return write_results(out, question, done, steps)
 
 
+def _text_arg(name: str, value: str) -> str:
+    """Bytes that are not UTF-8 reach Python as lone surrogates; say so here, before any request is built."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise CliError(f"the {name} is not valid Unicode text (check the terminal's encoding)", EXIT_USAGE) from None
+    return value
+
+
 def run_ask(args: argparse.Namespace) -> int:
+    args.question = _text_arg("question", args.question)
+    args.option = [_text_arg("option", o) for o in args.option or []]
     items = _roles(args)
     settings: dict[str, Any] = {"max_new_tokens": args.max_new_tokens}
     windows = _windows(args)

@@ -85,7 +85,7 @@ REFUSED = [
     ("empty question", lambda w, f: ask_args(w, f["good"], question=""), 2, "empty"),
     ("20,000-character question", lambda w, f: ask_args(w, f["good"], question="Where is it? " * 1700), 2,
      "limit is 4000"),
-    ("non-UTF-8 question", lambda w, f: ask_args(w, f["good"], question=b"\xff\xfe water?"), 1, "not valid Unicode"),
+    ("non-UTF-8 question", lambda w, f: ask_args(w, f["good"], question=b"\xff\xfe water?"), 2, "not valid Unicode"),
     ("one option", lambda w, f: [*ask_args(w, f["good"]), "--option", "water"], 2, "options"),
     ("nine options", lambda w, f: [*ask_args(w, f["good"]), *["--option", "x"] * 9], 2, "options"),
     ("max-new-tokens 0", lambda w, f: [*ask_args(w, f["good"]), "--max-new-tokens", "0"], 2, "max_new_tokens"),
