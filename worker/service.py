@@ -344,13 +344,9 @@ class WorkerService:
                 self._emit(push, job, P.error_event(req.id, P.CANCELLED, "the request was cancelled"))
                 return
             from worker.checks import answer_checks
-            from worker.resolve import choice_check, measured_choice
+            from worker.resolve import choice_check
 
-            measured = None
-            try:  # the option the masks support (worker/resolve.py); never at the cost of the answer
-                measured = measured_choice(req.question, req.options, *resolve_in)
-            except Exception:  # noqa: BLE001
-                log.error("request %s: measured choice failed:\n%s", req.id, traceback.format_exc())
+            measured = self._measured_choice(req, resolve_in)
             checks = answer_checks(result.answer, steps_out)
             checks += [c for c in [choice_check(result.choice, measured, req.options)] if c]
 
@@ -409,13 +405,24 @@ class WorkerService:
         timings = {"queue": (job.started - job.received) * 1000, "plan": plan_ms}
         timings.update(fields.pop("timings_ms"))
         timings["total"] = (time.monotonic() - job.received) * 1000
-        done = P.event("done", req.id, **fields, measured_choice=None,  # stitched masks: not resolved (yet)
+        # the windows' letters are not combined; the stitched masks, measured once, still support an option
+        done = P.event("done", req.id, **fields, measured_choice=self._measured_choice(req, run.resolve_input()),
                        timings_ms={k: round(v, 3) for k, v in timings.items()},
                        model={k: self._model_info.get(k) for k in ("name", "preset", "device", "dtype")},
                        worker={"pid": os.getpid()})
         self._emit(push, job, done)
         self.stats["answered"] += 1
         return True
+
+    def _measured_choice(self, req: Any, resolve_in: tuple[list, list]) -> dict | None:
+        """The option the masks support (worker/resolve.py); a failure there never costs the answer."""
+        from worker.resolve import measured_choice
+
+        try:
+            return measured_choice(req.question, req.options, *resolve_in)
+        except Exception:  # noqa: BLE001
+            log.error("request %s: measured choice failed:\n%s", req.id, traceback.format_exc())
+            return None
 
     def _stopper(self, job: Job) -> Callable[[], bool]:
         """The job's ``should_stop``: cancel, shutdown, or (with a budget) its peak memory growth -> MemoryError.

@@ -41,6 +41,7 @@ from worker.raster import (
     stitch_masks,
     window_georef,
 )
+from worker.resolve import MeasuredImage, MeasuredStep
 
 WINDOW_MODES = ("auto", "on", "off")
 MIN_TILE = 16  # smaller windows hold no scene; also keeps a request from asking for millions of windows
@@ -301,6 +302,7 @@ class WindowedRun:
         self.valid = [np.zeros(plan.shape, bool) for _ in plan.images]
         self.windows_out: list[dict] = []
         self.timings: dict[str, float] = collections.defaultdict(float)
+        self.stitched: list[MeasuredStep] = []  # kept for the measured choice (multiple-choice requests only)
 
     def _progress(self, **fields: Any) -> None:
         self.emit(P.event("progress", self.req.id, count=len(self.plan.windows), **fields), None)
@@ -424,6 +426,11 @@ class WindowedRun:
         })
         return result
 
+    def resolve_input(self) -> tuple[list[MeasuredStep], list[MeasuredImage]]:
+        """(stitched steps, images) for ``worker.resolve.measured_choice``, on the request grid."""
+        images = [MeasuredImage(im.role, im.georef, self.valid[k]) for k, im in enumerate(self.plan.images)]
+        return self.stitched, images
+
     def _stitch_and_send(self, g: StitchedStep) -> dict:
         t0 = time.monotonic()
         mask = stitch_step(self.plan.shape, self.plan.windows, g)
@@ -443,5 +450,7 @@ class WindowedRun:
                            "shape": list(mask.shape)},
                      token_indices=[], modality=[])
         self.emit(ev, {"mask": mask.view(np.uint8)})
+        if self.req.options:
+            self.stitched.append(MeasuredStep(g.step, g.label, g.image, mask, meas))
         return {"step": g.step, "window_step": g.window_step, "label": g.label, "labels": g.labels,
                 "image": g.image, "score": g.score, "windows": windows} | meas

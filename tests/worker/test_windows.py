@@ -204,6 +204,10 @@ def test_windowed_ask_of_a_geotiff_streams_windows_then_stitched_masks(wworker, 
     assert done["answer"] != done["windows"][0]["answer"]
     (dm,) = done["measurements"]
     assert dm["area_px"] == meas["area_px"] and dm["windows"] == [0, 1, 2, 3]
+    # no window's letter is used, but the stitched mask, measured once, supports an option
+    mc = done["measured_choice"]
+    assert mc["quantity"] == "existence" and mc["steps"] == [0]
+    assert mc["choice"] == ("A" if mask.any() else "B")
     assert done["text"].count("[window ") == 4 and done["timings_ms"]["total"] >= done["timings_ms"]["model"]
 
 
