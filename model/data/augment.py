@@ -167,7 +167,7 @@ def inpaint(pixels: np.ndarray, hole: np.ndarray, avoid: np.ndarray, rng: np.ran
 
 
 def objects(mask: np.ndarray) -> tuple[np.ndarray, int]:
-    """4-connected objects, as the measurement library counts them."""
+    """4-connected objects: what an edit removes and what "the largest object" means (counts are 8-connected)."""
     lab, n = ndimage.label(mask, structure=CONNECTIVITY4)
     return lab, int(n)
 
