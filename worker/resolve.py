@@ -215,20 +215,6 @@ def _without_objects_touching(mask: np.ndarray, other: np.ndarray) -> np.ndarray
     return (lab > 0) & ~np.isin(lab, hit)
 
 
-def _half(shape: tuple[int, ...], which: str) -> np.ndarray:
-    """One half of the grid (north = top rows), split as model/data splits it."""
-    h, w = int(shape[0]), int(shape[1])
-    out = np.zeros((h, w), bool)
-    which = which.lower()
-    if which == "north":
-        out[: h // 2] = True
-    elif which == "south":
-        out[h // 2:] = True
-    elif which == "west":
-        out[:, : w // 2] = True
-    else:
-        out[:, w // 2:] = True
-    return out
 
 
 def _relevant(masks: _Masks, text: str, pool: Sequence[MeasuredStep] | None = None) -> MeasuredStep | None:
@@ -344,7 +330,7 @@ def _restricted(q: str, s: MeasuredStep) -> tuple[np.ndarray | None, str]:
     if not m:
         return None, ""
     which = m.group(1).lower()
-    return np.asarray(s.mask, bool) & _half(s.mask.shape, which), f" in the {which}ern half"
+    return np.asarray(s.mask, bool) & M.half_mask(s.mask.shape, which), f" in the {which}ern half"
 
 
 def _coverage(q: str, texts: list[str], values: list[float], masks: _Masks) -> dict | None:
@@ -523,15 +509,10 @@ def _larger_half(texts: list[str], halves: list[str], masks: _Masks) -> dict | N
         union |= np.asarray(s.mask, bool)
     if not union.any():
         return None
-    measured = [masks.area(pool[0], union & _half(union.shape, h)) for h in halves]
-    areas, unit = [a for a, _ in measured], measured[0][1]
-    best = max(areas)
-    if areas.count(best) > 1:
-        return None
-    i = areas.index(best)
-    parts = ", ".join(f"{_fmt_area(a, unit)} in the {h}ern half" for a, h in zip(areas, halves))
-    return _result(i, texts, float(best), _fmt_area(best, unit), "larger", [s.step for s in pool],
-                   f"{_mask_names(pool)} measure {parts}")
+    measured = [masks.area(pool[0], union & M.half_mask(union.shape, h)) for h in halves]
+    unit = measured[0][1]
+    parts = ", ".join(f"{_fmt_area(a, unit)} in the {h}ern half" for (a, _), h in zip(measured, halves))
+    return _largest(texts, measured, [s.step for s in pool], f"{_mask_names(pool)} measure {parts}")
 
 
 def _larger_option(texts: list[str], masks: _Masks) -> dict | None:
@@ -548,14 +529,18 @@ def _larger_option(texts: list[str], masks: _Masks) -> dict | None:
     measured = [masks.area(s) for s in chosen]
     if len({u for _, u in measured}) != 1:
         return None  # m² against pixels: not comparable
+    unit = measured[0][1]
+    parts = ", ".join(f"{_mask_names([s])} {_fmt_area(a, unit)}" for s, (a, _) in zip(chosen, measured))
+    return _largest(texts, measured, [s.step for s in chosen], f"the masks measure {parts}")
+
+
+def _largest(texts: list[str], measured: list[tuple[float, str]], steps: list[int], message: str) -> dict | None:
+    """The option whose measured area is the largest; None on a tie (the masks cannot tell)."""
     areas, unit = [a for a, _ in measured], measured[0][1]
     best = max(areas)
     if areas.count(best) > 1:
         return None
-    i = areas.index(best)
-    parts = ", ".join(f"{_mask_names([s])} {_fmt_area(a, unit)}" for s, a in zip(chosen, areas))
-    return _result(i, texts, float(best), _fmt_area(best, unit), "larger", [s.step for s in chosen],
-                   f"the masks measure {parts}")
+    return _result(areas.index(best), texts, float(best), _fmt_area(best, unit), "larger", steps, message)
 
 
 # ------------------------------------------------------------------------------------------- checks

@@ -55,21 +55,6 @@ def location_phrase(mask: np.ndarray) -> str:
     return "scattered across the image"
 
 
-def half_mask(shape: tuple[int, int], which: str) -> np.ndarray:
-    """Boolean mask of one image half: north / south / west / east (north = top)."""
-    h, w = shape
-    out = np.zeros((h, w), bool)
-    if which == "north":
-        out[: h // 2] = True
-    elif which == "south":
-        out[h // 2:] = True
-    elif which == "west":
-        out[:, : w // 2] = True
-    elif which == "east":
-        out[:, w // 2:] = True
-    else:
-        raise ValueError(f"unknown half {which!r}")
-    return out
 
 
 class Facts:

@@ -11,7 +11,7 @@ import itertools
 import numpy as np
 from scipy import ndimage
 
-from model.data.facts import half_mask, location_phrase
+from model.data.facts import location_phrase
 from model.data.l1 import _finish_numeric, count_answer
 from model.data.numbers import area_formatter, fmt_area, fmt_distance, fmt_pct, rel_gap, sig
 from model.data.records import (
@@ -24,6 +24,7 @@ from model.data.records import (
 )
 from model.data.scene import be, objects_text, region_text
 from model.data.trace import Trace
+from worker.measure import half_mask
 
 #: Relative area gap below which "which is larger" is not asked (answers must be unambiguous).
 CLEAR_GAP = 0.15
