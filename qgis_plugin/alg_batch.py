@@ -67,7 +67,8 @@ def folder_rasters(folder: str) -> list[Path]:
 def answer_fields() -> QgsFields:
     fields = QgsFields()
     for name, kind in (("raster", QVariant.String), ("question", QVariant.String), ("answer", QVariant.String),
-                       ("choice", QVariant.String), ("reasoning", QVariant.String), ("steps", QVariant.Int),
+                       ("choice", QVariant.String), ("measured_choice", QVariant.String), ("checks", QVariant.String),
+                       ("reasoning", QVariant.String), ("steps", QVariant.Int),
                        ("area_ha", QVariant.Double), ("area_ha_steps", QVariant.String), ("error", QVariant.String)):
         fields.append(QgsField(name, kind))
     return fields
@@ -82,7 +83,8 @@ class AskBatchAlgorithm(TerraScopeAlgorithm):
     SAR_LAYERS, PAIR_LAYERS, OUTPUT, MASKS = "SAR_LAYERS", "PAIR_LAYERS", "OUTPUT", "MASKS"
     ALG_ID, ALG_TITLE = "ask_batch", "Ask about rasters (batch)"
     ALG_HELP = ("Asks TerraScope every question about every raster (layers and/or a folder) and writes one row per "
-                "(raster, question): the raster's extent with answer, choice, reasoning, the number of steps, total "
+                "(raster, question): the raster's extent with answer, choice, the option the masks support "
+                "(measured_choice), the worker's checks, reasoning, the number of steps, total "
                 "area_ha and the area of each step. SAR or second-date layers are paired with the rasters in order. "
                 "Optionally writes every mask polygon too. A raster that cannot be used gets its error in the row; "
                 "the batch goes on.")
@@ -197,7 +199,9 @@ class AskBatchAlgorithm(TerraScopeAlgorithm):
             try:
                 record = self.ask(conn, question, windows, options, settings, context, feedback)
                 areas = [s.area_ha for s in record.steps]
-                values.update(answer=record.answer, choice=record.choice or "", reasoning=record.reasoning,
+                values.update(answer=record.answer, choice=record.choice or "",
+                              measured_choice=record.measured_choice or "", checks=" | ".join(record.checks),
+                              reasoning=record.reasoning,
                               steps=len(record.steps), area_ha=sum(a or 0.0 for a in areas),
                               area_ha_steps=json.dumps([None if a is None else round(a, 4) for a in areas]))
                 if msink is not None:

@@ -45,6 +45,8 @@ class AskRegionAlgorithm(TerraScopeAlgorithm):
         self.addParameter(QgsProcessingParameterFeatureSink(self.OUTPUT, "Masks", QgsProcessing.TypeVectorPolygon))
         self.addOutput(QgsProcessingOutputString("ANSWER", "Answer"))
         self.addOutput(QgsProcessingOutputString("CHOICE", "Choice"))
+        self.addOutput(QgsProcessingOutputString("MEASURED_CHOICE", "Option the masks support (measured)"))
+        self.addOutput(QgsProcessingOutputString("CHECKS", "Worker checks (answer vs measurements)"))
         self.addOutput(QgsProcessingOutputString("REASONING", "Reasoning"))
         self.addOutput(QgsProcessingOutputNumber("AREA_HA", "Total area of all steps (ha)"))
 
@@ -94,4 +96,5 @@ class AskRegionAlgorithm(TerraScopeAlgorithm):
         total = sum(s.area_ha or 0.0 for s in record.steps)
         feedback.setProgress(100)
         return {self.OUTPUT: dest, "ANSWER": record.answer, "CHOICE": record.choice or "",
+                "MEASURED_CHOICE": record.measured_choice or "", "CHECKS": " | ".join(record.checks),
                 "REASONING": record.reasoning, "AREA_HA": total}

@@ -192,7 +192,7 @@ _SEED_CACHE: dict[tuple, int] = {}
 
 
 def find_seg_seed(endpoint: str, question: str, windows: list, temperature: float = 5.0, budget_tokens: int = 400,
-                  seeds: range = range(60)) -> int:
+                  seeds: range = range(60), options: list[str] | None = None) -> int:
     """A sampling seed with which the random-weight fixture model's first [SEG] gives a non-empty mask
     for this exact request (ask with it and max_seg=1: generation stops right after that mask).
 
@@ -204,12 +204,13 @@ def find_seg_seed(endpoint: str, question: str, windows: list, temperature: floa
     from qgis_plugin import protocol as P
     from qgis_plugin.request import build_request
 
-    key = (endpoint, question, tuple((w.data.shape, w.transform, int(np.asarray(w.data).sum())) for w in windows))
+    key = (endpoint, question, tuple(options or ()),
+           tuple((w.data.shape, w.transform, int(np.asarray(w.data).sum())) for w in windows))
     if key in _SEED_CACHE:
         return _SEED_CACHE[key]
     with WorkerClient(endpoint, timeout_s=10.0) as client:
         for seed in seeds:
-            header, arrays = build_request(question, windows, None, {"max_new_tokens": budget_tokens, "max_seg": 1,
+            header, arrays = build_request(question, windows, options, {"max_new_tokens": budget_tokens, "max_seg": 1,
                                                                       "temperature": temperature, "seed": seed})
             first: list[bool] = []
 

@@ -49,6 +49,7 @@ def test_batch_on_three_rasters(plugin, qgis_processing, worker, rasters, tmp_pa
     for row in rows:
         assert row["question"] == "Is there water?"
         assert row["answer"] and not row["error"]
+        assert row["measured_choice"] == ""  # no options: no option to support
         assert json.loads(row["area_ha_steps"]) == [] or row["steps"] >= 1
         assert row.geometry().area() > 0
     # The EPSG:4326 sample's extent, reprojected into UTM 30N, lands on its real place (Murcia, Spain).
@@ -114,6 +115,23 @@ def test_region_masks_layer_with_true_areas(plugin, qgis_processing, worker):
         total += f["area_ha"]
     assert result["AREA_HA"] == pytest.approx(total, rel=1e-9)
     assert isinstance(result["ANSWER"], str) and isinstance(result["REASONING"], str)
+
+
+def test_region_reports_the_option_its_masks_support(plugin, qgis_processing, worker):
+    """A yes/no question: the worker measures the drawn mask and says which option it supports."""
+    layer = QgsRasterLayer(str(ATLANTA_UTM), "atlanta")
+    QgsProject.instance().addMapLayer(layer)
+    question, options = "Are there any buildings?", ["A. Yes", "B. No"]
+    window = read_window(layer.dataProvider(), None, 160, name=layer.name())
+    seed = find_seg_seed(worker.endpoint, question, [window], options=options)
+    use_settings(endpoint=worker.endpoint, auto_start=False, max_side=160, max_new_tokens=400, max_seg=1,
+                 temperature=5.0, seed=seed)
+    result = _run("terrascope:ask_region", {"INPUT": layer, "QUESTION": question, "OPTIONS": "|".join(options),
+                                            "OUTPUT": "TEMPORARY_OUTPUT"})
+    assert result["OUTPUT"].featureCount() >= 1  # the seed makes the first mask non-empty
+    assert result["MEASURED_CHOICE"] == "A"  # a non-empty mask: there are some
+    if result["CHOICE"] != "A":  # the model's own letter (none: generation stopped at the mask) is flagged
+        assert "A" in result["CHECKS"]
 
 
 def test_no_worker_is_a_clear_processing_error(plugin, qgis_processing, rasters):
