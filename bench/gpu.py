@@ -298,7 +298,8 @@ def bench_throughput(ts: TerraScope, batch: int, shared: bool, args: argparse.Na
     def once() -> tuple[float, list[Any], float]:
         sync(dev)
         t0 = time.perf_counter()
-        ctxs = [ts.prepare(im) for im in imgs]
+        # --prepare-many: one ViT forward for all images of the batch (Generator.prepare_many)
+        ctxs = ts.generator.prepare_many(imgs) if args.prepare_many else [ts.prepare(im) for im in imgs]
         t_prep = (time.perf_counter() - t0) * 1e3
         qs = [fast_decode.Question(ctx, f"{QUESTION} (view {j})", OPTIONS, trace) for ctx in ctxs
               for j in range(qs_per)]
@@ -369,6 +370,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     p.add_argument("--prefetch-ab", action="store_true", help="also run the optical question with SAM-2 prefetch")
     p.add_argument("--shared-only", action="store_true", help="throughput: skip the distinct-image batches")
+    p.add_argument("--prepare-many", action="store_true",
+                   help="throughput: prepare the batch's images with one ViT forward (Generator.prepare_many)")
     p.add_argument("--out", default=None, help="folder for bench_gpu.json and bench_gpu.log")
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
