@@ -234,7 +234,9 @@ def bench_decode_step(ts: TerraScope, kernels: str, attention: str, prefix_len: 
     need = steps + 2  # one row bucket for the whole loop: capture once, then time replays only
     dec._launch("decode", need)  # captures the graph (and checks the attention kernel first)
     sync(dev)
-    label = f"{kernels}/{dec.attention}"
+    label = f"{dec.kernels}/{dec.attention}"
+    if dec.kernels != kernels:
+        log(f"[decode-step:{kernels}/{attention}] runs {dec.kernels} kernels: {dec.kernels_reason.splitlines()[0]}")
     if dec.attention != attention:
         log(f"[decode-step:{kernels}/{attention}] runs {dec.attention} attention: {dec.attention_reason}")
     plan = next(iter(dec._attn_ws.values())).plan if dec._attn_ws else None
@@ -250,7 +252,7 @@ def bench_decode_step(ts: TerraScope, kernels: str, attention: str, prefix_len: 
     log(f"[decode-step:{label}] {ms:.3f} ms/step over {steps} replays, prefix {prefix_len}: "
         f"weights {(layer_bytes + head_bytes) / 1e9:.2f} GB/step -> {gbs:.0f} GB/s"
         + (f"; kernel plan {plan}" if plan else ""))
-    out = {"kernels": kernels, "attention": dec.attention, "attention_requested": attention,
+    out = {"kernels": dec.kernels, "kernels_requested": kernels, "attention": dec.attention, "attention_requested": attention,
            "attention_reason": dec.attention_reason if dec.attention != attention else "", "ms_per_step": ms,
            "weight_gb": (layer_bytes + head_bytes) / 1e9, "gb_s": gbs}
     del dec
@@ -442,8 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     best = min(steps, key=lambda r: r["ms_per_step"]) if steps else None
     args.kernels_chosen = best["kernels"] if best else "eager"
     args.attention_chosen = best["attention"] if best else "bmm"
-    if args.kernels_chosen != "eager":
-        fast_decode.DEFAULT_KERNELS = args.kernels_chosen
+    fast_decode.DEFAULT_KERNELS = args.kernels_chosen  # every decoder built below uses it
     os.environ[fast_decode.ATTENTION_ENV] = args.attention_chosen  # every decoder built below uses it
     results["kernels_chosen"], results["attention_chosen"] = args.kernels_chosen, args.attention_chosen
     log(f"[kernels] using {args.kernels_chosen}")

@@ -61,10 +61,16 @@ if TYPE_CHECKING:  # generation imports this module; keep the import one-way at 
 log = logging.getLogger("terrascope.fast_decode")
 NEG_INF = float("-inf")
 #: Elementwise kernels inside the graphs: "eager" (plain torch ops) or "compiled" (Inductor-fused norm, rope
-#: and SwiGLU; 1.2 ms a step faster at the 8B shape). The compile happens once per process: the worker pays it
-#: in ``TerraScope.warm_up`` at load, not in a user's first answer. ``make bench-gpu`` times both; set
-#: TERRASCOPE_FAST_KERNELS to choose.
-DEFAULT_KERNELS = os.environ.get("TERRASCOPE_FAST_KERNELS", "compiled")
+#: and SwiGLU; 1.2 ms a step faster at the 8B shape). TERRASCOPE_FAST_KERNELS chooses; unset, CUDA gets
+#: "compiled" (Inductor emits Triton kernels there) and other devices "eager" (Inductor would need a C++
+#: compiler). The compile happens once per process: the worker pays it in ``TerraScope.warm_up`` at load, and
+#: a compile that fails switches that decoder to eager kernels (logged). ``make bench-gpu`` times both.
+DEFAULT_KERNELS: str | None = os.environ.get("TERRASCOPE_FAST_KERNELS") or None
+
+
+def default_kernels(device: torch.device) -> str:
+    """The elementwise-kernel variant for a decoder on ``device`` (see ``DEFAULT_KERNELS``)."""
+    return DEFAULT_KERNELS or ("compiled" if device.type == "cuda" else "eager")
 #: Each (batch, width) shape of a compiled helper is one Dynamo specialisation; the default limit of 8 is
 #: reached by a worker serving batches of 1, 8 and 32 and then silently falls back to eager kernels.
 _RECOMPILE_LIMIT = 64
@@ -331,6 +337,7 @@ class FastDecoder:
             raise ValueError("CUDA graphs need the model on a CUDA device")
         self.use_graphs = bool(use_graphs)
         self.kernels = kernels
+        self.kernels_reason = ""  # why "compiled" was given up, if it was
         self._rms, self._rope_kv, self._silu_mul, self._softmax = _rms, _rope_kv, _silu_mul, _joint_softmax
         if kernels == "compiled":  # fuse the elementwise chains (norm, rope + cache write, SwiGLU, softmax)
             _raise_recompile_limit()
@@ -511,6 +518,26 @@ class FastDecoder:
         self.count.add_(emit.long())
         self.pos.copy_(torch.clamp(self.pos + n_valid, max=self.cap))
 
+    def _body_or_eager(self, kind: str, pb: int, sb: int) -> None:
+        """``_body``; if the compiled kernels fail (their compile runs at first call), go eager and run again.
+
+        A retry is safe: a failing compiled helper has written nothing, and the steps before it only write the
+        same K/V values at the same slots again; positions and tokens change at the very end of a step.
+        """
+        if self.kernels != "compiled":
+            self._body(kind, pb, sb)
+            return
+        try:
+            self._body(kind, pb, sb)
+        except Exception as exc:  # noqa: BLE001 - a missing compiler or an Inductor bug costs speed, not answers
+            self._eager_kernels(f"{type(exc).__name__}: {exc}")
+            self._body(kind, pb, sb)
+
+    def _eager_kernels(self, reason: str) -> None:
+        log.warning("fast decode: compiled kernels failed (%s); using eager kernels", reason.splitlines()[0])
+        self.kernels, self.kernels_reason = "eager", reason
+        self._rms, self._rope_kv, self._silu_mul, self._softmax = _rms, _rope_kv, _silu_mul, _joint_softmax
+
     def _body(self, kind: str, pb: int, sb: int) -> None:
         if kind == "decode":
             emit = self.tok != self.seg_id  # a step fed [SEG] emits nothing: its logits are discarded
@@ -534,7 +561,7 @@ class FastDecoder:
         """Run one decode ("decode") or injection ("ragged") step: graph replay when graphed."""
         pb, sb = self._cur_pb, self._sb(need)
         if not self.use_graphs:
-            self._body(kind, pb, sb)
+            self._body_or_eager(kind, pb, sb)
             return
         key = (kind, pb, sb)
         graph = self._graphs.get(key)
@@ -556,7 +583,7 @@ class FastDecoder:
         with _CAPTURE_LOCK:
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._body(kind, pb, sb)
+                    self._body_or_eager(kind, pb, sb)  # the first call compiles (outside the capture)
                     self.pos.copy_(saved[0])
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
@@ -1129,7 +1156,7 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
     width = max(r.embeds.shape[0] for r in rows)
     dec = get_decoder(model, prefix_len=max(p[1].shape[0] for p in prefixes),
                       max_row_len=row_capacity(width, dsettings, inject_len), groups=len(prefixes),
-                      rows_per_group=max(per_group), inject_len=inject_len, kernels=kernels or DEFAULT_KERNELS,
+                      rows_per_group=max(per_group), inject_len=inject_len, kernels=kernels or default_kernels(model.device),
                       attention=attention)
     longest = max([len(q.forced_ids) for q in questions if q.forced_ids] + [0])
     if longest >= dec.forced.shape[1] and not dec._graphs:

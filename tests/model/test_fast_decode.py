@@ -234,3 +234,32 @@ def test_cuda_graph_replays_match_eager_steps():
     assert_same(a, b)
     c = fd.fast_run(ts.generator, ctx, "Where is the water?", None, s, forced_ids=forced)  # graphs replayed
     assert_same(b, c)
+
+
+def test_a_failed_kernel_compile_falls_back_to_eager_with_the_same_answer(monkeypatch):
+    """No C++ compiler, an Inductor bug: the compiled helpers fail at first call; the decoder goes eager."""
+    ts = sharp_scope()
+    ctx = ts.prepare([ImageInput(rand_image(90, 200, seed=1))])
+    forced = ts.tokenizer.encode(SEG2)
+    s = GenerationSettings(max_new_tokens=40)
+    want = fd.answer_many(ts.generator, [fd.Question(ctx, "Where?", None, forced)], s, kernels="eager")[0]
+    fd.release_decoders(ts.model)
+
+    def broken_compile(fn, *a, **kw):
+        def fails(*args, **kwargs):
+            raise RuntimeError("InductorError: no working C++ compiler found")
+        return fails
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    got = fd.answer_many(ts.generator, [fd.Question(ctx, "Where?", None, forced)], s, kernels="compiled")[0]
+    (dec,) = ts.model.__dict__["_ts_fast_decoders"].values()
+    assert dec.kernels == "eager" and "C++ compiler" in dec.kernels_reason
+    assert_same(want, got)
+
+
+def test_default_kernels_are_compiled_on_cuda_only(monkeypatch):
+    monkeypatch.setattr(fd, "DEFAULT_KERNELS", None)
+    assert fd.default_kernels(torch.device("cpu")) == "eager"
+    assert fd.default_kernels(torch.device("cuda")) == "compiled"
+    monkeypatch.setattr(fd, "DEFAULT_KERNELS", "eager")  # TERRASCOPE_FAST_KERNELS=eager
+    assert fd.default_kernels(torch.device("cuda")) == "eager"
