@@ -183,8 +183,10 @@ class _Masks:
                 self._largest[s.step] = lab == int(np.argmax(sizes)) + 1
         return self._largest[s.step]
 
-    def pair(self) -> tuple[MeasuredStep, MeasuredStep, np.ndarray, np.ndarray] | None:
-        """The first two masks on one image, with the "largest X" / "other X" label rules applied."""
+    def pair(self, both_drawn: bool = False) -> tuple[MeasuredStep, MeasuredStep, np.ndarray, np.ndarray] | None:
+        """The first two masks on one image, with the "largest X" / "other X" label rules applied.
+
+        ``both_drawn``: None unless both masks have pixels (a distance or a contact needs two shapes)."""
         for i, a in enumerate(self.steps):
             for b in self.steps[i + 1:]:
                 if b.image != a.image or b.mask.shape != a.mask.shape:
@@ -198,6 +200,8 @@ class _Masks:
                     mb = self.largest(b)
                     if _OTHER.search(_label(a)):
                         ma = _without_objects_touching(ma, mb)
+                if both_drawn and not (ma.any() and mb.any()):
+                    return None
                 return a, b, ma, mb
         return None
 
@@ -376,12 +380,10 @@ def _area(q: str, texts: list[str], masks: _Masks) -> dict | None:
 
 
 def _distance(texts: list[str], masks: _Masks) -> dict | None:
-    pair = masks.pair()
+    pair = masks.pair(both_drawn=True)
     if pair is None:
         return None
     a, b, ma, mb = pair
-    if not ma.any() or not mb.any():
-        return None
     d = M.nearest_distance_m(ma, mb, masks.image(a).georef)
     if d is None:
         return None
@@ -469,12 +471,10 @@ def _yes_no(q: str, texts: list[str], masks: _Masks) -> dict | None:
         return _result(i, texts, flag, value_text, quantity, used, say)
 
     if _ADJ.search(q):
-        pair = masks.pair()
+        pair = masks.pair(both_drawn=True)
         if pair is None:
             return None
         a, b, ma, mb = pair
-        if not ma.any() or not mb.any():
-            return None
         touch = M.adjacent(ma, mb, masks.image(a).georef)
         say = (f"{_mask_names([a, b])} {'touch (at most one pixel apart)' if touch else 'do not touch'}")
         return pick(touch, "touching" if touch else "not touching", "adjacency", [a.step, b.step], say)
