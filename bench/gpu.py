@@ -90,16 +90,18 @@ def sync(device: torch.device) -> None:
 
 @contextmanager
 def naive_mode():
-    """The reference loop: fast path off (``TERRASCOPE_FAST_DECODE=0``)."""
-    old = os.environ.get("TERRASCOPE_FAST_DECODE")
-    os.environ["TERRASCOPE_FAST_DECODE"] = "0"
+    """The reference loop: fast path off (``TERRASCOPE_FAST_DECODE=0``) and the SAM-2 encoder eager
+    (``TERRASCOPE_SAM2_GRAPH=0``), as the released code runs."""
+    old = {k: os.environ.get(k) for k in ("TERRASCOPE_FAST_DECODE", "TERRASCOPE_SAM2_GRAPH")}
+    os.environ.update({k: "0" for k in old})
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TERRASCOPE_FAST_DECODE", None)
-        else:
-            os.environ["TERRASCOPE_FAST_DECODE"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def scene(h: int, w: int, seed: int) -> np.ndarray:
@@ -216,25 +218,27 @@ def bench_sam2_encode(ts: TerraScope, args: argparse.Namespace) -> float:
 
 
 def bench_decode_step(ts: TerraScope, kernels: str, attention: str, prefix_len: int, steps: int,
-                      log: Log) -> dict[str, Any]:
-    """Graph replays of the bare decode step (batch 1, ``prefix_len`` image-prefix tokens): ms/step.
+                      log: Log, groups: int = 1, rows: int = 1) -> dict[str, Any]:
+    """Graph replays of the bare decode step (``groups`` images x ``rows`` questions each, ``prefix_len``
+    image-prefix tokens per image): ms/step.
 
     ``attention`` is what was asked for; the result's "attention" is what ran (a Triton kernel that cannot
     compile or fails its self-check falls back to bmm, and the reason is logged)."""
     model = ts.model
     dev = model.device
-    dec = fast_decode.FastDecoder(model, max_prefix=prefix_len, max_row_len=steps + 72, inject_len=32,
-                                  kernels=kernels, attention=attention)
+    dec = fast_decode.FastDecoder(model, groups=groups, rows_per_group=rows, max_prefix=prefix_len,
+                                  max_row_len=steps + 72, inject_len=32, kernels=kernels, attention=attention)
     h = model.config.llm.hidden_size
     gen = torch.Generator(device=dev).manual_seed(0)
-    dec.set_prefix(0, torch.randn(prefix_len, h, device=dev, dtype=model.dtype, generator=gen) * 0.02)
+    dec.set_prefixes([(g, torch.randn(prefix_len, h, device=dev, dtype=model.dtype, generator=gen) * 0.02)
+                      for g in range(groups)])
     dec._cur_pb = dec._pb()
     dec._reset_state()
     dec.pos.fill_(1)
     need = steps + 2  # one row bucket for the whole loop: capture once, then time replays only
     dec._launch("decode", need)  # captures the graph (and checks the attention kernel first)
     sync(dev)
-    label = f"{dec.kernels}/{dec.attention}"
+    label = f"{dec.kernels}/{dec.attention}" + (f" batch {groups}x{rows}" if groups * rows > 1 else "")
     if dec.kernels != kernels:
         log(f"[decode-step:{kernels}/{attention}] runs {dec.kernels} kernels: {dec.kernels_reason.splitlines()[0]}")
     if dec.attention != attention:
@@ -251,8 +255,9 @@ def bench_decode_step(ts: TerraScope, kernels: str, attention: str, prefix_len: 
     gbs = (layer_bytes + head_bytes) / (ms * 1e-3) / 1e9
     log(f"[decode-step:{label}] {ms:.3f} ms/step over {steps} replays, prefix {prefix_len}: "
         f"weights {(layer_bytes + head_bytes) / 1e9:.2f} GB/step -> {gbs:.0f} GB/s"
-        + (f"; kernel plan {plan}" if plan else ""))
-    out = {"kernels": dec.kernels, "kernels_requested": kernels, "attention": dec.attention, "attention_requested": attention,
+        + (f"; kernel plan {plan}" if plan else "") + f"; lm_head {dec.lm_head_mode}")
+    out = {"groups": groups, "rows": rows, "lm_head": dec.lm_head_mode,
+           "kernels": dec.kernels, "kernels_requested": kernels, "attention": dec.attention, "attention_requested": attention,
            "attention_reason": dec.attention_reason if dec.attention != attention else "", "ms_per_step": ms,
            "weight_gb": (layer_bytes + head_bytes) / 1e9, "gb_s": gbs}
     del dec
@@ -260,16 +265,16 @@ def bench_decode_step(ts: TerraScope, kernels: str, attention: str, prefix_len: 
 
 
 def profile_decode_step(ts: TerraScope, kernels: str, attention: str, prefix_len: int, log: Log,
-                        out: Path | None) -> None:
+                        out: Path | None, groups: int = 1, rows: int = 1) -> None:
     """Per-kernel GPU time of eager decode steps (what a graph replay runs), top entries to the log."""
     from torch.profiler import ProfilerActivity, profile
 
     model = ts.model
-    dec = fast_decode.FastDecoder(model, max_prefix=prefix_len, max_row_len=200, inject_len=32, kernels=kernels,
-                                  use_graphs=False, attention=attention)
+    dec = fast_decode.FastDecoder(model, groups=groups, rows_per_group=rows, max_prefix=prefix_len, max_row_len=200,
+                                  inject_len=32, kernels=kernels, use_graphs=False, attention=attention)
     gen = torch.Generator(device=model.device).manual_seed(0)
-    dec.set_prefix(0, torch.randn(prefix_len, model.config.llm.hidden_size, device=model.device,
-                                  dtype=model.dtype, generator=gen) * 0.02)
+    dec.set_prefixes([(g, torch.randn(prefix_len, model.config.llm.hidden_size, device=model.device,
+                                      dtype=model.dtype, generator=gen) * 0.02) for g in range(groups)])
     dec._cur_pb = dec._pb()
     dec._reset_state()
     for _ in range(3):
@@ -285,7 +290,8 @@ def profile_decode_step(ts: TerraScope, kernels: str, attention: str, prefix_len
         log("  " + line[:150])
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"profile_decode_{kernels}_{dec.attention}.txt").write_text(table + "\n")
+        tag = f"_batch{groups}x{rows}" if groups * rows > 1 else ""
+        (out / f"profile_decode_{kernels}_{dec.attention}{tag}.txt").write_text(table + "\n")
     del dec
 
 
@@ -300,8 +306,8 @@ def bench_throughput(ts: TerraScope, batch: int, shared: bool, args: argparse.Na
     def once() -> tuple[float, list[Any], float]:
         sync(dev)
         t0 = time.perf_counter()
-        # --prepare-many: one ViT forward for all images of the batch (Generator.prepare_many)
-        ctxs = ts.generator.prepare_many(imgs) if args.prepare_many else [ts.prepare(im) for im in imgs]
+        # --prepare many: one ViT forward for all images of the batch (Generator.prepare_many)
+        ctxs = ts.generator.prepare_many(imgs) if args.prepare == "many" else [ts.prepare(im) for im in imgs]
         t_prep = (time.perf_counter() - t0) * 1e3
         qs = [fast_decode.Question(ctx, f"{QUESTION} (view {j})", OPTIONS, trace) for ctx in ctxs
               for j in range(qs_per)]
@@ -321,15 +327,54 @@ def bench_throughput(ts: TerraScope, batch: int, shared: bool, args: argparse.Na
     out = {"batch": batch, "shared": shared, "images": n_images, "s": secs, "q_per_s": batch / secs,
            "all_two_masks": ok, "prepare_ms": runs[0][2], "prefill_ms": tm.get("prefill_ms"),
            "decode_ms": tm.get("decode_ms"), "seg_ms": tm.get("sam2_ms", 0) * batch,
-           "decode_steps": tm.get("decode_steps")}
+           "decode_steps": tm.get("decode_steps"), "prepare": args.prepare,
+           "sam2_early": fast_decode.sam2_early_enabled(ts.model)}
+    for k in ("prompt_ms", "prefix_prefill_ms", "suffix_prefill_ms", "seg_handler_ms", "seg_wait_ms"):
+        out[k] = tm.get(k)
+    out["lm_head"] = [d.lm_head_mode for d in ts.model.__dict__.get("_ts_fast_decoders", {}).values()]
     if dev.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     log(f"[throughput] batch {batch:>2} {'shared' if shared else 'distinct'} ({n_images} images): "
         f"{secs:.3f}s -> {out['q_per_s']:.2f} q/s (masks ok={ok}, peak {out.get('peak_gib', 0):.1f} GiB; "
         f"prepare {out['prepare_ms']:.0f} ms, prefill {out['prefill_ms']:.0f} ms, decode {out['decode_ms']:.0f} ms "
-        f"over {out['decode_steps']:.0f} steps, [SEG] handling {out['seg_ms']:.0f} ms)")
+        f"over {out['decode_steps']:.0f} steps, [SEG] handling {out['seg_ms']:.0f} ms; prompts "
+        f"{out['prompt_ms'] or 0:.0f} ms, prefix prefill {out['prefix_prefill_ms'] or 0:.0f} ms, suffix prefill "
+        f"{out['suffix_prefill_ms'] or 0:.0f} ms, [SEG] handler {out['seg_handler_ms'] or 0:.0f} ms; prepare="
+        f"{args.prepare}, SAM-2 early={out['sam2_early']}, lm_head {out['lm_head']})")
     fast_decode.release_decoders(ts.model)
     return out
+
+
+def profile_batch(ts: TerraScope, batch: int, args: argparse.Namespace, log: Log, trace: list[int],
+                  settings: GenerationSettings, out: Path | None) -> None:
+    """One shared-image batch from raw pixels under the profiler: GPU kernels by device time and host ops by
+    CPU time, to the log (top entries) and ``profile_batch<N>_{gpu,cpu}.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    n_images = max(1, batch // 8)
+    imgs = [[ImageInput(scene(args.big, args.big, 200 + i))] for i in range(n_images)]
+
+    def once() -> None:
+        ctxs = ts.generator.prepare_many(imgs)
+        qs = [fast_decode.Question(ctx, f"{QUESTION} (view {j})", OPTIONS, trace) for ctx in ctxs
+              for j in range(batch // n_images)]
+        fast_decode.answer_many(ts.generator, qs, settings, kernels=args.kernels_chosen,
+                                attention=args.attention_chosen)
+        sync(ts.model.device)
+
+    once()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        once()
+    avg = prof.key_averages()
+    for kind, key in (("gpu", "self_device_time_total"), ("cpu", "cpu_time_total")):
+        table = avg.table(sort_by=key, row_limit=40)
+        log(f"[profile-batch {batch}, by {key}]")
+        for line in table.splitlines()[:18]:
+            log("  " + line[:150])
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"profile_batch{batch}_{kind}.txt").write_text(table + "\n")
+    fast_decode.release_decoders(ts.model)
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
@@ -370,10 +415,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--no-profile", dest="profile", action="store_false", help="skip the per-kernel profile")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
-    p.add_argument("--prefetch-ab", action="store_true", help="also run the optical question with SAM-2 prefetch")
+    p.add_argument("--early-ab", action="store_true",
+                   help="also run the optical question and the shared batches with TERRASCOPE_SAM2_EARLY=0")
     p.add_argument("--shared-only", action="store_true", help="throughput: skip the distinct-image batches")
-    p.add_argument("--prepare-many", action="store_true",
-                   help="throughput: prepare the batch's images with one ViT forward (Generator.prepare_many)")
+    p.add_argument("--prepare", default="many", choices=["many", "one"],
+                   help="throughput: the batch's images through one ViT forward (Generator.prepare_many, default) "
+                        "or one prepare per image")
+    p.add_argument("--profile-batch", type=int, default=0, metavar="N",
+                   help="profile one shared-image batch of N questions (GPU kernels and host ops), last")
+    p.add_argument("--step-batch", default="4x8",
+                   help="also time (and profile) the bare decode step at GROUPSxROWS, e.g. 4x8; '' skips")
     p.add_argument("--out", default=None, help="folder for bench_gpu.json and bench_gpu.log")
     args = p.parse_args(argv)
     cpu = args.device == "cpu"
@@ -440,8 +491,14 @@ def main(argv: list[str] | None = None) -> int:
             r = guarded(f"decode-step:{k}/{a}", bench_decode_step, ts, k, a, prefix, 200, log)
             if r:
                 steps.append(r)
-    results["decode_step"] = steps
     best = min(steps, key=lambda r: r["ms_per_step"]) if steps else None
+    if dev.type == "cuda" and args.step_batch and best:
+        g, r_ = (int(x) for x in args.step_batch.lower().split("x"))
+        r = guarded(f"decode-step:batch{g}x{r_}", bench_decode_step, ts, best["kernels"], best["attention"], prefix,
+                    200, log, g, r_)
+        if r:
+            steps.append(r)
+    results["decode_step"] = steps
     args.kernels_chosen = best["kernels"] if best else "eager"
     args.attention_chosen = best["attention"] if best else "bmm"
     fast_decode.DEFAULT_KERNELS = args.kernels_chosen  # every decoder built below uses it
@@ -462,13 +519,13 @@ def main(argv: list[str] | None = None) -> int:
         if r:
             results["workloads"].append(r)
         fast_decode.release_decoders(ts.model)
-    if args.prefetch_ab:  # the same question with the SAM-2 prefetch thread on, for comparison
-        os.environ["TERRASCOPE_SAM2_PREFETCH"] = "1"
-        r = guarded("fast:optical:prefetch", bench_workload, ts, "optical", args, log, trace, settings, False)
+    if args.early_ab:  # the same question with the SAM-2 encode at the first [SEG], for comparison
+        os.environ["TERRASCOPE_SAM2_EARLY"] = "0"
+        r = guarded("fast:optical:lazy-sam2", bench_workload, ts, "optical", args, log, trace, settings, False)
         if r:
-            r["path"] = "fast+prefetch"
-            results["prefetch_ab"] = r
-        os.environ.pop("TERRASCOPE_SAM2_PREFETCH", None)
+            r["path"] = "fast, SAM-2 lazy"
+            results["early_ab"] = r
+        os.environ.pop("TERRASCOPE_SAM2_EARLY", None)
         fast_decode.release_decoders(ts.model)
     results["naive"] = []
     if not args.no_naive:
@@ -487,10 +544,24 @@ def main(argv: list[str] | None = None) -> int:
             r = guarded(f"throughput:{b}:{shared}", bench_throughput, ts, b, shared, args, log, trace, settings)
             if r:
                 results["throughput"].append(r)
+            if args.early_ab and shared and b > 1:
+                os.environ["TERRASCOPE_SAM2_EARLY"] = "0"
+                r = guarded(f"throughput:{b}:{shared}:lazy", bench_throughput, ts, b, shared, args, log, trace,
+                            settings)
+                os.environ.pop("TERRASCOPE_SAM2_EARLY", None)
+                if r:
+                    results["throughput"].append(r)
 
     # 5. per-kernel profile, last: the profiler's instrumentation must not slow the timed runs above
     if dev.type == "cuda" and args.profile:
         guarded("profile", profile_decode_step, ts, args.kernels_chosen, args.attention_chosen, prefix, log, out_dir)
+        if args.step_batch:
+            g, r_ = (int(x) for x in args.step_batch.lower().split("x"))
+            guarded("profile-batch", profile_decode_step, ts, args.kernels_chosen, args.attention_chosen, prefix,
+                    log, out_dir, g, r_)
+
+    if args.profile_batch:
+        guarded("profile-batch-run", profile_batch, ts, args.profile_batch, args, log, trace, settings, out_dir)
 
     log.save(results)
     table(results, log)
@@ -522,16 +593,19 @@ def table(r: dict[str, Any], log: Log) -> None:
         if w:
             log(f"{kind:<12} e2e {w['e2e_s']:.3f} s, prefill {w['prefill_ms']:.1f} ms, decode "
                 f"{w['decode_ms_per_token']:.2f} ms/token, peak {w.get('peak_gib', 0):.2f} GiB")
-    ab = r.get("prefetch_ab")
+    ab = r.get("early_ab")
     if ab and opt:
-        log(f"SAM-2 prefetch thread: e2e {ab['e2e_s']:.3f} s vs {opt['e2e_s']:.3f} s without; [SEG] handling "
-            f"{ab['seg_total_ms']:.0f} ms vs {opt['seg_total_ms']:.0f} ms")
+        log(f"SAM-2 at the first [SEG] instead of early: e2e {ab['e2e_s']:.3f} s vs {opt['e2e_s']:.3f} s early")
     for kind, n in naive.items():
         f = fast.get(kind)
         ratio = n["e2e_s"] / f["e2e_s"] if f else float("nan")
         log(f"naive {kind:<8} e2e {n['e2e_s']:.3f} s, decode {n['decode_ms_per_token']:.2f} ms/token -> "
             f"fast is {ratio:.2f}x faster end to end")
     for s in r.get("decode_step", []):
+        if s.get("groups", 1) * s.get("rows", 1) > 1:
+            log(f"decode step ({s['kernels']:8} {s['attention']:6}) batch {s['groups']}x{s['rows']}: "
+                f"{s['ms_per_step']:.3f} ms")
+            continue
         note = f" [asked {s['attention_requested']}]" if s["attention"] != s["attention_requested"] else ""
         log(f"decode step ({s['kernels']:8} {s['attention']:6}) {s['ms_per_step']:.3f} ms "
             f"({s['gb_s']:.0f} GB/s of weights){note}")
@@ -539,7 +613,7 @@ def table(r: dict[str, Any], log: Log) -> None:
         log(f"used: kernels={r.get('kernels_chosen')} attention={r['attention_chosen']}")
     for t in r.get("throughput", []):
         log(f"batch {t['batch']:>2} {'shared  ' if t['shared'] else 'distinct'} ({t['images']:>2} images) "
-            f"{t['q_per_s']:7.2f} q/s")
+            f"{t['q_per_s']:7.2f} q/s" + ("" if t.get("sam2_early", True) else "  (SAM-2 lazy)"))
     if r.get("errors"):
         log(f"ERRORS in: {[e['section'] for e in r['errors']]}")
 

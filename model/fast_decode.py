@@ -74,8 +74,8 @@ def default_kernels(device: torch.device) -> str:
 #: Each (batch, width) shape of a compiled helper is one Dynamo specialisation; the default limit of 8 is
 #: reached by a worker serving batches of 1, 8 and 32 and then silently falls back to eager kernels.
 _RECOMPILE_LIMIT = 64
-#: Held by graph captures and by the SAM-2 prefetch thread while it issues CUDA calls: a capture must not
-#: see another thread's synchronous CUDA call (a pageable copy, an allocation) while it records.
+#: Held by graph captures: a capture must not see another thread's synchronous CUDA call (a pageable copy, an
+#: allocation) while it records.
 _CAPTURE_LOCK = threading.Lock()
 #: Attention of single-token steps: "triton" (split-K kernel, CUDA), "bmm" (batched GEMMs + softmax) or "auto"
 #: (triton where it can run). Read when a decoder is built; the ``attention`` arguments override it.
@@ -348,10 +348,11 @@ class FastDecoder:
         elif kernels != "eager":
             raise ValueError(f"kernels must be 'eager' or 'compiled', got {kernels!r}")
         self._alloc()
+        self.lm_head_mode = self._pick_lm_head()
         self._da = None  # the decode_attention module once the Triton path is chosen (imported lazily)
         self._attn_ws: dict[tuple[int, int], object] = {}  # (pb, sb) -> its decode_attention.Workspace
         self.attention, self.attention_reason = self._resolve_attention(attention_request(attention))
-        self._graphs: dict[tuple[str, int, int], torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[tuple[str, int, int, int], torch.cuda.CUDAGraph] = {}
         self._cur_pb = self.P
         self.prefix_keys: dict[int, tuple] = {}  # group -> what its prefix cache holds (reused across calls)
         self._pool = None
@@ -437,6 +438,31 @@ class FastDecoder:
         self._attn_ws[(pb, sb)] = ws
         return ws
 
+    def _pick_lm_head(self) -> str:
+        """How the lm_head GEMM is laid out: "xw" (x @ W.T) or "wx" ((W @ x.T), argmax over the vocab axis).
+
+        Why: at batch 32 on an H100/H200, cuBLAS runs x @ W.T (152k-wide output) with an sm75-era kernel at a
+        third of the bandwidth of the other layouts (1.2 ms a step instead of ~0.4). Timed once per decoder on
+        CUDA with more than one row; batch 1 and other devices keep "xw"."""
+        if self.device.type != "cuda" or self.B == 1:
+            return "xw"
+        x = torch.randn(self.B, self.H, device=self.device, dtype=self.dtype)
+        w = self.lm_head_w
+        runs = {"xw": lambda: (x @ w.t()).argmax(-1), "wx": lambda: (w @ x.t()).argmax(0)}
+        best, best_ms = "xw", float("inf")
+        for name, fn in runs.items():
+            fn()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(5):
+                fn()
+            end.record()
+            end.synchronize()
+            ms = start.elapsed_time(end) / 5
+            if ms < best_ms:
+                best, best_ms = name, ms
+        return best
+
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_pre, self.v_pre, self.k_row, self.v_row))
 
@@ -511,40 +537,43 @@ class FastDecoder:
         last = h.view(B, L, self.H)[self.arange_b, n_valid - 1]
         normed = rms(last, self.norm_w, self.eps)
         self.hidden_out.copy_(normed)
-        best = (normed @ self.lm_head_w.t()).argmax(-1)
+        if self.lm_head_mode == "wx":
+            best = (self.lm_head_w @ normed.t()).argmax(0)
+        else:
+            best = (normed @ self.lm_head_w.t()).argmax(-1)
         col = self.count.clamp(max=self.forced.shape[1] - 1)[:, None]
         f = self.forced.gather(1, col)[:, 0]
         self.tok.copy_(torch.where(f >= 0, f, best))
         self.count.add_(emit.long())
         self.pos.copy_(torch.clamp(self.pos + n_valid, max=self.cap))
 
-    def _body_or_eager(self, kind: str, pb: int, sb: int) -> None:
+    def _body_or_eager(self, kind: str, pb: int, sb: int, width: int = 1) -> None:
         """``_body``; if the compiled kernels fail (their compile runs at first call), go eager and run again.
 
         A retry is safe: a failing compiled helper has written nothing, and the steps before it only write the
         same K/V values at the same slots again; positions and tokens change at the very end of a step.
         """
         if self.kernels != "compiled":
-            self._body(kind, pb, sb)
+            self._body(kind, pb, sb, width)
             return
         try:
-            self._body(kind, pb, sb)
+            self._body(kind, pb, sb, width)
         except Exception as exc:  # noqa: BLE001 - a missing compiler or an Inductor bug costs speed, not answers
             self._eager_kernels(f"{type(exc).__name__}: {exc}")
-            self._body(kind, pb, sb)
+            self._body(kind, pb, sb, width)
 
     def _eager_kernels(self, reason: str) -> None:
         log.warning("fast decode: compiled kernels failed (%s); using eager kernels", reason.splitlines()[0])
         self.kernels, self.kernels_reason = "eager", reason
         self._rms, self._rope_kv, self._silu_mul, self._softmax = _rms, _rope_kv, _silu_mul, _joint_softmax
 
-    def _body(self, kind: str, pb: int, sb: int) -> None:
+    def _body(self, kind: str, pb: int, sb: int, width: int = 1) -> None:
         if kind == "decode":
             emit = self.tok != self.seg_id  # a step fed [SEG] emits nothing: its logits are discarded
             x = F.embedding(self.tok[:, None], self.embed_w)
             self._forward(x, self.ones_b, emit, pb, sb, fused=True)
         else:
-            self._forward(self.rag_embeds, self.rag_nvalid, self.rag_emit, pb, sb, fused=True)
+            self._forward(self.rag_embeds[:, :width], self.rag_nvalid, self.rag_emit, pb, sb, fused=True)
 
     # ---- length buckets and graphs ------------------------------------------------------------------------------
     def _sb(self, need: int) -> int:
@@ -557,25 +586,34 @@ class FastDecoder:
     def _pb(self) -> int:
         return min(_round_up(int(self.prefix_len.max()), 128), self.P)
 
-    def _launch(self, kind: str, need: int) -> None:
-        """Run one decode ("decode") or injection ("ragged") step: graph replay when graphed."""
+    def _wb(self, wide: int) -> int:
+        """Injection width bucket: powers of two from 8 up to ``inject_len``. A batch injecting a few tokens a
+        row must not run ``B x inject_len`` tokens through the model (at batch 32 that step is compute-bound)."""
+        w = 8
+        while w < wide:
+            w *= 2
+        return min(w, self.Linj)
+
+    def _launch(self, kind: str, need: int, width: int = 1) -> None:
+        """Run one decode ("decode") or injection ("ragged", ``width`` embeddings a row) step: graph replay
+        when graphed."""
         pb, sb = self._cur_pb, self._sb(need)
         if not self.use_graphs:
-            self._body_or_eager(kind, pb, sb)
+            self._body_or_eager(kind, pb, sb, width)
             return
-        key = (kind, pb, sb)
+        key = (kind, pb, sb, width)
         graph = self._graphs.get(key)
         if graph is None:
             graph = self._capture(key)
         graph.replay()
 
-    def _capture(self, key: tuple[str, int, int]) -> torch.cuda.CUDAGraph:
+    def _capture(self, key: tuple[str, int, int, int]) -> torch.cuda.CUDAGraph:
         """Warm up on a side stream, then capture; the live state is saved and restored around it.
 
         Warm-up steps write K/V only at or after each row's position (slots nothing valid occupies yet).
         """
-        kind, pb, sb = key
-        if kind == "decode" or self.Linj == 1:  # single-token steps: kernel buffers and check before capture
+        kind, pb, sb, width = key
+        if kind == "decode" or width == 1:  # single-token steps: kernel buffers and check before capture
             self._attn_workspace(pb, sb)
         saved = [t.clone() for t in (self.pos, self.tok, self.count, self.hidden_out)]
         stream = torch.cuda.Stream()
@@ -583,12 +621,12 @@ class FastDecoder:
         with _CAPTURE_LOCK:
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._body_or_eager(kind, pb, sb)  # the first call compiles (outside the capture)
+                    self._body_or_eager(kind, pb, sb, width)  # the first call compiles (outside the capture)
                     self.pos.copy_(saved[0])
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                self._body(kind, pb, sb)
+                self._body(kind, pb, sb, width)
         self._pool = graph.pool()
         for t, v in zip((self.pos, self.tok, self.count, self.hidden_out), saved):
             t.copy_(v)
@@ -601,8 +639,8 @@ class FastDecoder:
             return
         self._cur_pb = self._pb()
         with torch.no_grad():
-            for kind in ("decode", "ragged"):
-                key = (kind, self._cur_pb, self._sb(row_len))
+            for kind, width in (("decode", 1), ("ragged", self._wb(1))):
+                key = (kind, self._cur_pb, self._sb(row_len), width)
                 if key not in self._graphs:
                     self._capture(key)
 
@@ -624,35 +662,62 @@ class FastDecoder:
     @torch.no_grad()
     def set_prefix(self, group: int, embeds: torch.Tensor) -> None:
         """Prefill ``embeds`` [P, H] (the shared image prompt) once into group ``group``'s prefix cache."""
-        self.prefix_keys.pop(group, None)
-        if not 0 <= group < self.G:
-            raise ValueError(f"group {group} out of range (decoder has {self.G})")
-        P = embeds.shape[0]
-        if not 1 <= P <= self.P:
-            raise ValueError(f"prefix of {P} tokens does not fit max_prefix={self.P}")
+        self.set_prefixes([(group, embeds)])
+
+    @torch.no_grad()
+    def set_prefixes(self, items: Sequence[tuple[int, torch.Tensor]], max_tokens: int = 8192) -> None:
+        """``set_prefix`` for several groups: their tokens go through each weight GEMM together (packs of up to
+        ``max_tokens`` tokens, at least one prefix each, to bound activation memory), attention per group.
+
+        Why: a batch over a few images spent more time prefilling prefixes one by one than the GEMMs need.
+        """
+        for group, embeds in items:
+            self.prefix_keys.pop(group, None)
+            if not 0 <= group < self.G:
+                raise ValueError(f"group {group} out of range (decoder has {self.G})")
+            if not 1 <= embeds.shape[0] <= self.P:
+                raise ValueError(f"prefix of {embeds.shape[0]} tokens does not fit max_prefix={self.P}")
+        pack: list[tuple[int, torch.Tensor]] = []
+        for item in items:
+            if pack and sum(e.shape[0] for _, e in pack) + item[1].shape[0] > max_tokens:
+                self._prefill_pack(pack)
+                pack = []
+            pack.append(item)
+        if pack:
+            self._prefill_pack(pack)
+
+    def _prefill_pack(self, pack: list[tuple[int, torch.Tensor]]) -> None:
         kvh, d, nh = self.kvh, self.d, self.nh
-        h = embeds.to(self.device, self.dtype).reshape(P, self.H)
-        freqs = torch.arange(P, device=self.device).float()[:, None] * self.inv_freq
+        lens = [int(e.shape[0]) for _, e in pack]
+        starts = [sum(lens[:i]) for i in range(len(lens))]
+        T = sum(lens)
+        h = torch.cat([e.to(self.device, self.dtype).reshape(-1, self.H) for _, e in pack])
+        pos = torch.cat([torch.arange(n, device=self.device) for n in lens])
+        freqs = pos.float()[:, None] * self.inv_freq
         emb = torch.cat((freqs, freqs), -1)
         cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None, :]
         sin = (emb.sin() * self.rope_scale).to(self.dtype)
         sin_s = torch.cat((-sin[:, : d // 2], sin[:, d // 2:]), -1)[:, None, :]
         for li, w in enumerate(self.layers):
             n1 = _rms(h, w.ln1, self.eps)
-            qkv = torch.addmm(w.bqkv, n1, w.wqkv.t()).view(P, nh + 2 * kvh, d)
+            qkv = torch.addmm(w.bqkv, n1, w.wqkv.t()).view(T, nh + 2 * kvh, d)
             qk = _rope(qkv[:, : nh + kvh], cos, sin_s)
-            q, k, v = qk[:, :nh], qk[:, nh:], qkv[:, nh + kvh:]
-            self.k_pre[li, group, :, :P].copy_(k.transpose(0, 1))
-            self.v_pre[li, group, :, :P].copy_(v.transpose(0, 1))
-            kk = k.transpose(0, 1).repeat_interleave(self.g, 0)[None]
-            vv = v.transpose(0, 1).repeat_interleave(self.g, 0)[None]
-            o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk, vv, is_causal=True)
-            h = torch.addmm(h, o[0].transpose(0, 1).reshape(P, nh * d), w.wo.t())
+            outs = []
+            for (group, _), a, n in zip(pack, starts, lens):
+                q, k, v = qk[a:a + n, :nh], qk[a:a + n, nh:], qkv[a:a + n, nh + kvh:]
+                self.k_pre[li, group, :, :n].copy_(k.transpose(0, 1))
+                self.v_pre[li, group, :, :n].copy_(v.transpose(0, 1))
+                kk = k.transpose(0, 1).repeat_interleave(self.g, 0)[None]
+                vv = v.transpose(0, 1).repeat_interleave(self.g, 0)[None]
+                o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk, vv, is_causal=True)
+                outs.append(o[0].transpose(0, 1).reshape(n, nh * d))
+            h = torch.addmm(h, outs[0] if len(outs) == 1 else torch.cat(outs), w.wo.t())
             h = torch.addmm(h, _silu_mul(_rms(h, w.ln2, self.eps) @ w.wgu.t()), w.wd.t())
-        self.prefix_len[group] = P
-        mask = torch.full((self.P,), NEG_INF, device=self.device, dtype=self.dtype)
-        mask[:P] = 0.0
-        self.pmask.view(self.G, self.kvh, self.P)[group] = mask
+        for (group, _), n in zip(pack, lens):
+            self.prefix_len[group] = n
+            mask = torch.full((self.P,), NEG_INF, device=self.device, dtype=self.dtype)
+            mask[:n] = 0.0
+            self.pmask.view(self.G, self.kvh, self.P)[group] = mask
 
     # ---- generation -----------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -770,7 +835,7 @@ class FastDecoder:
                 self.rag_emit.copy_(torch.tensor(em))
                 need = max(used[s] for s in range(B) if not done[s]) + max(wide, self.Linj)
                 if wide <= self.Linj:
-                    self._launch("ragged", need)
+                    self._launch("ragged", need, self._wb(wide))
                 else:  # wider than the injection graph: an eager step at this width
                     self._forward(buf[:, :wide], self.rag_nvalid, self.rag_emit, self._cur_pb, self._sb(need))
                 stats.inject_steps += 1
@@ -1022,68 +1087,50 @@ class Question:
     grounding: GroundingFn | None = None
 
 
-class _SamPrefetch:
-    """SAM-2 embeddings of every image in a batch, encoded by a background thread on a side stream.
+class _SamEarly:
+    """SAM-2 embeddings of every image of a batch, encoded before decoding starts, on a side stream (CUDA).
 
-    Off by default (``TERRASCOPE_SAM2_PREFETCH=1`` turns it on): on an H100 it made the [SEG] handling
-    slower, not faster (see docs/PERFORMANCE.md); without it SAM-2 encodes lazily at the first [SEG].
-
-    The image encoder is compute-bound and decoding is bandwidth-bound, so the two overlap on the GPU; the
-    host-side 1024-px resize runs off the decode thread too. The first [SEG] then only waits on an event.
-    CUDA only; the features land in each context's ``sam_cache`` exactly as ``Generator.sam_features``
-    would put them there (still once per image).
+    The image encoder is compute-bound and decoding is bandwidth-bound, so an encode queued before the first
+    decode step runs beside the first decode steps instead of stalling the first [SEG]. It is issued from the
+    calling thread, in one batched forward (``Generator.encode_sam_many``): a background thread issuing the
+    encodes one by one made decoding slower (run 2 in docs/PERFORMANCE.md). ``TERRASCOPE_SAM2_EARLY=0`` turns
+    it off (then each image is encoded at its first [SEG]). The features land in each context's ``sam_cache``
+    exactly as a lazy encode would put them there, once per image.
     """
 
     def __init__(self, gen: Generator, ctxs: Sequence[VisualContext]) -> None:
-        self.gen = gen
         self.main = torch.cuda.current_stream()
         self.stream = torch.cuda.Stream()
-        self.ready: dict[tuple[int, int], threading.Event] = {}
-        self.events: dict[tuple[int, int], torch.cuda.Event] = {}
-        self.error: BaseException | None = None
-        todo = []
-        for ctx in ctxs:
-            for i in range(len(ctx.pixels)):
-                key = (id(ctx), i)
-                if i not in ctx.sam_cache and key not in self.ready:
-                    self.ready[key] = threading.Event()
-                    todo.append((ctx, i, key))
         self.stream.wait_stream(self.main)
-        self.thread = threading.Thread(target=self._run, args=(todo,), daemon=True, name="sam2-prefetch")
-        self.thread.start()
-
-    def _run(self, todo: list[tuple[VisualContext, int, tuple[int, int]]]) -> None:
-        try:
-            with torch.no_grad(), torch.cuda.stream(self.stream):
-                for ctx, i, key in todo:
-                    with _CAPTURE_LOCK:
-                        feats = self.gen.sam_features(ctx, i)
-                        for t in [*feats.image_embeddings, feats.image_pe]:
-                            t.record_stream(self.main)
-                        event = torch.cuda.Event()
-                        event.record(self.stream)
-                    self.events[key] = event
-                    self.ready[key].set()
-        except BaseException as exc:  # noqa: BLE001 - handed to the decode thread, which raises it
-            self.error = exc
-            for ev in self.ready.values():
-                ev.set()
+        todo = [c for c in ctxs if any(i not in c.sam_cache for i in range(len(c.pixels)))]
+        self.event = torch.cuda.Event()
+        with torch.cuda.stream(self.stream):
+            gen.encode_sam_many(todo)
+            for ctx in todo:  # the main stream reads them: the allocator must not recycle them under it
+                for feats in ctx.sam_cache.values():
+                    for t in [*feats.image_embeddings, feats.image_pe]:
+                        t.record_stream(self.main)
+            self.event.record(self.stream)
+        self.images = sum(len(c.pixels) for c in todo)
+        self._waited = False
 
     def wait(self, ctx: VisualContext, index: int) -> None:
-        key = (id(ctx), index)
-        ready = self.ready.get(key)
-        if ready is None:
-            return
-        ready.wait()
-        if self.error is not None:
-            raise RuntimeError(f"SAM-2 prefetch failed: {self.error!r}") from self.error
-        torch.cuda.current_stream().wait_event(self.events[key])
+        """Before a [SEG] reads SAM-2 features: the main stream waits for the side stream's encode (once)."""
+        self.close()
 
     def close(self) -> None:
-        self.thread.join()
+        """Also at the end of a batch, even one without [SEG]: later work on the main stream (the next
+        batch's encode may replay the same SAM-2 graph) is ordered after this encode."""
+        if not self._waited:
+            torch.cuda.current_stream().wait_event(self.event)
+            self._waited = True
 
 
-def _seg_handler(gen: Generator, states: list[AnswerState], prefetch: _SamPrefetch | None) -> SegHandler:
+def sam2_early_enabled(model: TerraScopeModel) -> bool:
+    return model.device.type == "cuda" and os.environ.get("TERRASCOPE_SAM2_EARLY", "1") != "0"
+
+
+def _seg_handler(gen: Generator, states: list[AnswerState], early: _SamEarly | None) -> SegHandler:
     """``Generator.handle_segs`` as the decoder's ``SegHandler``: every row's injected parts are collected and
     handed back as one injection (the decoder writes them in one step)."""
     from .generation import SegEvent
@@ -1101,7 +1148,7 @@ def _seg_handler(gen: Generator, states: list[AnswerState], prefetch: _SamPrefet
             ids[i] += new
 
         gen.handle_segs([SegEvent(states[r.row], r.hidden) for r in reqs], collect,
-                        wait_features=prefetch.wait if prefetch is not None else None)
+                        wait_features=early.wait if early is not None else None)
         out = []
         for p, i in zip(parts, ids):
             emb = torch.cat(p) if p else torch.zeros(0, model.config.llm.hidden_size, device=model.device,
@@ -1137,15 +1184,18 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
     rows: list[RowInput] = []
     for q in questions:
         ids = gen.prompt_ids(q.ctx, q.question, q.options)
-        embeds = gen.prompt_embeds(q.ctx, ids)
         ends = [i for i, t in enumerate(ids) if t == img_end]
         split = min(ends[-1] + 1 if ends else len(ids) - 1, len(ids) - 1)
         token = q.ctx.__dict__.setdefault("_ts_prefix_token", object())
         key = (id(token), tuple(ids[:split]))
         if key not in groups:
+            embeds = gen.prompt_embeds(q.ctx, ids)
             groups[key] = len(prefixes)
             prefixes.append(((token, tuple(ids[:split])), embeds[:split]))
-        rows.append(RowInput(groups[key], embeds[split:], q.forced_ids))
+            suffix = embeds[split:]
+        else:  # the image prompt is already there: only this question's own text is embedded
+            suffix = model.embed_ids(torch.tensor(ids[split:], dtype=torch.long))
+        rows.append(RowInput(groups[key], suffix, q.forced_ids))
     per_group = [0] * len(prefixes)
     for r in rows:
         per_group[r.group] += 1
@@ -1161,13 +1211,20 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
     longest = max([len(q.forced_ids) for q in questions if q.forced_ids] + [0])
     if longest >= dec.forced.shape[1] and not dec._graphs:
         dec.reserve_forced(_round_up(longest, 256))
-    for g, (key, emb) in enumerate(prefixes):
-        if dec.prefix_keys.get(g) != key:  # the same image prompt stays cached between calls
-            dec.set_prefix(g, emb)
-            dec.prefix_keys[g] = key
+    t_prefix = time.perf_counter()
+    todo = [(g, emb) for g, (key, emb) in enumerate(prefixes) if dec.prefix_keys.get(g) != key]
+    dec.set_prefixes(todo)  # the same image prompt stays cached between calls
+    for g, (key, _) in enumerate(prefixes):
+        dec.prefix_keys[g] = key
+    early = None
+    if sam2_early_enabled(model):  # queued behind the prefill on a side stream; runs beside the decoding
+        early = _SamEarly(gen, list({id(q.ctx): q.ctx for q in questions}.values()))
     if model.device.type == "cuda":
-        torch.cuda.synchronize()
-    prefill_ms = (time.perf_counter() - t_start) * 1e3
+        torch.cuda.current_stream().synchronize()
+    t_end = time.perf_counter()
+    prefill_ms = (t_end - t_start) * 1e3
+    split_ms = {"prompt_ms": (t_prefix - t_start) * 1e3, "prefix_prefill_ms": (t_end - t_prefix) * 1e3,
+                "prefix_groups": float(len(todo)), "sam2_early_images": float(early.images if early else 0)}
     states = [AnswerState(gen, q.ctx, q.question, settings, q.on_token, q.on_mask, q.grounding)
               for q in questions]
 
@@ -1177,15 +1234,12 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
         st.emit()
 
     stats = DecodeStats()
-    prefetch = None
-    if model.device.type == "cuda" and os.environ.get("TERRASCOPE_SAM2_PREFETCH", "0") == "1":
-        prefetch = _SamPrefetch(gen, list({id(q.ctx): q.ctx for q in questions}.values()))
     try:
-        outs = dec.generate(rows, dsettings, _seg_handler(gen, states, prefetch), on_token=on_tok,
+        outs = dec.generate(rows, dsettings, _seg_handler(gen, states, early), on_token=on_tok,
                             should_stop=should_stop, stats=stats)
     finally:
-        if prefetch is not None:
-            prefetch.close()
+        if early is not None:
+            early.close()
     results = []
     for q, st, out in zip(questions, states, outs):
         stopped = out.stopped
@@ -1193,7 +1247,9 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
             stopped = "answer"
         timings = dict(q.ctx.timings_ms)
         decode_ms = stats.total_ms - stats.suffix_prefill_ms - stats.handler_ms
+        timings.update(split_ms)
         timings.update({"prefill_ms": prefill_ms + stats.suffix_prefill_ms, "decode_ms": decode_ms,
+                        "suffix_prefill_ms": stats.suffix_prefill_ms, "seg_handler_ms": stats.handler_ms,
                         "sam2_ms": st.sam_ms, "generated_tokens": float(len(st.out_ids)),
                         "decode_steps": float(stats.decode_steps), "fast_path": 1.0,
                         "seg_wait_ms": stats.seg_ms - stats.handler_ms,

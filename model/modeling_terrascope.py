@@ -18,6 +18,7 @@ from transformers import InternVLVisionModel, Qwen2ForCausalLM, Sam2Model
 from transformers.cache_utils import DynamicCache
 
 from .configuration_terrascope import TerraScopeConfig
+from .sam2_graph import Sam2EncoderGraphs
 
 # transformers renamed ``past_key_values`` to ``cache`` (5.2x keeps the old name as a deprecated alias);
 # pick whichever the installed version's Qwen2Model.forward declares so both 5.17 and 5.24 work.
@@ -126,16 +127,24 @@ class TerraScopeModel(nn.Module):
     def sam2_encode(self, g_pixel_values: torch.Tensor) -> Sam2Features:
         """[frames, 3, 1024, 1024] -> image embeddings (Hiera + FPN, conv_s0/s1, + no_mem_embed)."""
         self.sam2_encode_calls += 1
-        sam = self.grounding_encoder
         g = g_pixel_values.to(device=self.device, dtype=self.dtype)
-        # vision_encoder + the decoder's conv_s0/s1 + no_mem_embed, spelled out (get_image_features changed
-        # its return type across transformers 5.x releases)
-        maps = list(sam.vision_encoder(g).fpn_hidden_states)  # NCHW, high to low resolution
+        maps = None
+        if Sam2EncoderGraphs.wanted(g):  # CUDA: a graph replay (model/sam2_graph.py); None -> eager
+            graphs = self.__dict__.setdefault("_ts_sam2_graphs", Sam2EncoderGraphs(self._sam2_maps))
+            maps = graphs.encode(g)
+        if maps is None:
+            maps = self._sam2_maps(g)
+        return Sam2Features(maps, self.grounding_encoder.get_image_wide_positional_embeddings())
+
+    def _sam2_maps(self, g: torch.Tensor) -> list[torch.Tensor]:
+        """vision_encoder + the decoder's conv_s0/s1 + no_mem_embed, spelled out (get_image_features changed
+        its return type across transformers 5.x releases); NCHW maps, high to low resolution."""
+        sam = self.grounding_encoder
+        maps = list(sam.vision_encoder(g).fpn_hidden_states)
         maps[0] = sam.mask_decoder.conv_s0(maps[0])
         maps[1] = sam.mask_decoder.conv_s1(maps[1])
         maps[-1] = maps[-1] + sam.no_memory_embedding.reshape(1, -1, 1, 1)
-        embeddings = maps
-        return Sam2Features(embeddings, sam.get_image_wide_positional_embeddings())
+        return maps
 
     def sam2_decode(self, features: Sam2Features, prompt: torch.Tensor) -> MaskLogits:
         """Decode masks for ``prompt`` [B, C] (one text prompt per frame in ``features``)."""

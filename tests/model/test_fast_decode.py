@@ -172,6 +172,39 @@ def test_batch_sharing_prefixes_gives_each_single_answer():
     assert ts.model.sam2_encode_calls == before  # SAM-2 features stay cached on each image's context
 
 
+@pytest.mark.parametrize("max_tokens", [8192, 12])
+def test_prefixes_prefilled_together_equal_one_by_one(max_tokens):
+    """``set_prefixes`` packs groups into shared GEMMs (12 tokens: a pack per prefix, and one over the limit)."""
+    ts = sharp_scope()
+    h = ts.model.config.llm.hidden_size
+    gen = torch.Generator().manual_seed(3)
+    prefixes = [torch.randn(n, h, generator=gen) * 0.3 for n in (7, 13, 4)]
+    one = fd.FastDecoder(ts.model, groups=3, max_prefix=16, max_row_len=40, inject_len=4)
+    for g, e in enumerate(prefixes):
+        one.set_prefix(g, e)
+    many = fd.FastDecoder(ts.model, groups=3, max_prefix=16, max_row_len=40, inject_len=4)
+    many.set_prefixes(list(enumerate(prefixes)), max_tokens=max_tokens)
+    assert many.prefix_len.tolist() == one.prefix_len.tolist() == [7, 13, 4]
+    torch.testing.assert_close(many.k_pre, one.k_pre, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(many.v_pre, one.v_pre, atol=1e-5, rtol=1e-5)
+    assert torch.equal(many.pmask, one.pmask)
+
+
+def test_the_transposed_lm_head_layout_gives_the_same_answers(monkeypatch):
+    """The "wx" lm_head layout (picked on CUDA where it is faster) decodes the same tokens as "xw"."""
+    monkeypatch.setattr(fd.FastDecoder, "_pick_lm_head", lambda self: "wx")
+    ts = sharp_scope()
+    ctx = ts.prepare([ImageInput(rand_image(70, 120, seed=4))])
+    s = GenerationSettings(max_new_tokens=30)
+    qs = [fd.Question(ctx, "Where is the water?", None, ts.tokenizer.encode(SEG2)),
+          fd.Question(ctx, "Describe it.", None, None)]
+    got = fd.answer_many(ts.generator, qs, s)
+    (dec,) = ts.model.__dict__["_ts_fast_decoders"].values()
+    assert dec.lm_head_mode == "wx"
+    for q, r in zip(qs, got):
+        assert_same(naive(ts, q.ctx, q.question, s, forced_ids=q.forced_ids), r)
+
+
 def test_answer_batch_api_uses_the_fast_path_when_enabled(monkeypatch):
     ts = sharp_scope()
     ctx = ts.prepare([ImageInput(rand_image(64, 64, seed=2))])

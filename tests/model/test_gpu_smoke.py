@@ -50,3 +50,44 @@ def test_8b_random_bf16_forced_seg_on_gpu():
           f"warm-up={warm_s:.1f}s first answer after warm-up={first_s:.2f}s "
           f"peak={peak_gib:.1f}GiB timings={ {k: round(v, 1) for k, v in res.timings_ms.items()} } "
           f"decode_tok_s={gen_tokens / max(res.timings_ms['decode_ms'], 1e-6) * 1e3:.1f} stopped={res.stopped}")
+
+
+def test_model_input_normalised_on_cuda_is_bit_identical_to_numpy():
+    """The ViT and SAM-2 inputs are normalised on the device; float32 /255, -mean, /std are correctly rounded
+    there too, so the pixels equal the numpy reference (and so the official pipeline's) bit for bit."""
+    from types import SimpleNamespace
+
+    from model import preprocess as P
+    from model.generation import normalized_on
+
+    img = np.random.default_rng(1).integers(0, 256, size=(700, 500, 3), dtype=np.uint8)
+    dev = SimpleNamespace(device=torch.device("cuda"))
+    tiles = P.dynamic_tiles(img)[0]
+    got = normalized_on(dev, tiles, P.IMAGENET_MEAN, P.IMAGENET_STD).cpu().numpy()
+    assert np.array_equal(got, P.normalize_tiles(tiles))
+    got = normalized_on(dev, P.sam2_resize(img)[None], P.SAM2_MEAN, P.SAM2_STD).cpu().numpy()
+    assert np.array_equal(got, P.sam2_pixels(img)[None])
+
+
+def test_sam2_encoder_graph_replays_equal_the_eager_encoder(monkeypatch):
+    """The SAM-2 encoder's CUDA graphs (model/sam2_graph.py) give the eager encoder's maps, and a replay's
+    result is not overwritten by the next one."""
+    from conftest import tiny_config
+
+    from model.loading import random_model
+
+    model = random_model(tiny_config(), "cuda", seed=0)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    size = model.config.sam2.image_size
+    a, b = (torch.randn(n, 3, size, size, device="cuda", generator=gen) for n in (1, 3))
+    monkeypatch.setenv("TERRASCOPE_SAM2_GRAPH", "0")
+    eager_a, eager_b = model.sam2_encode(a), model.sam2_encode(b)
+    monkeypatch.setenv("TERRASCOPE_SAM2_GRAPH", "1")
+    graph_a = model.sam2_encode(a)
+    graph_b = model.sam2_encode(b)
+    again_a = model.sam2_encode(a)
+    graphs = model.__dict__["_ts_sam2_graphs"]
+    assert not graphs.disabled_reason and len(graphs.entries) == 2
+    for eager, graph in ((eager_a, graph_a), (eager_b, graph_b), (eager_a, again_a)):
+        for x, y in zip(eager.image_embeddings, graph.image_embeddings):
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=1e-5)

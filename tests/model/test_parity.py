@@ -14,7 +14,7 @@ import torch
 from conftest import fixture_image, fixture_inputs, unpack_mask
 
 from model import preprocess as P
-from model.generation import GenerationTrace
+from model.generation import GenerationTrace, normalized_on
 from model.modeling_terrascope import mask_probabilities, pixel_shuffle_v2
 from model.prompting import OFFICIAL_INSTRUCTION, build_prompt
 from model.types import GenerationSettings
@@ -64,6 +64,17 @@ def test_tiles_pixels_and_layout_bit_exact(name, tag, refs, meta):
     assert np.array_equal(P.sam2_resize(img), refs[f"pre_{name}.sam_resized_u8"])
     g = P.sam2_pixels(img)[None]
     assert hashlib.sha256(g.tobytes()).hexdigest() == meta["runs"][tag]["g_pixel_values_sha256_f32"]
+
+
+@pytest.mark.parametrize("name,tag", [("A", "forced_A"), ("B", "forced_B")])
+def test_model_input_normalised_on_the_device_hashes_like_the_official_pixels(name, tag, official, meta):
+    """``normalized_on`` (what prepare and the SAM-2 encode feed the model) is bit-identical to the reference."""
+    img = fixture_image(name)
+    pv = normalized_on(official.model, P.dynamic_tiles(img)[0], P.IMAGENET_MEAN, P.IMAGENET_STD)
+    assert pv.dtype == torch.float32 and pv.is_contiguous()
+    assert hashlib.sha256(pv.cpu().numpy().tobytes()).hexdigest() == meta["runs"][tag]["pixel_values_sha256_f32"]
+    g = normalized_on(official.model, P.sam2_resize(img)[None], P.SAM2_MEAN, P.SAM2_STD)
+    assert hashlib.sha256(g.cpu().numpy().tobytes()).hexdigest() == meta["runs"][tag]["g_pixel_values_sha256_f32"]
 
 
 def test_series_pixels_bit_exact(meta):

@@ -62,3 +62,26 @@ def test_option_labels_written_by_users_are_not_doubled():
 
     text = options_text(["A. water", "B) forest", "(C) crops", "D: bare", "Apple orchard"])
     assert text == "A. water\nB. forest\nC. crops\nD. bare\nE. Apple orchard\n"
+
+
+@pytest.mark.parametrize("compat", ["official", "native"])
+def test_prompt_ids_expand_one_placeholder_per_image_to_the_full_tokenisation(compat):
+    """``Generator.prompt_ids`` tokenises one image-context token per image and expands it; the ids must equal
+    tokenising the fully expanded prompt, for one image, a pair and a series, and a question that itself
+    spells the placeholder (which takes the full path)."""
+    from conftest import rand_image, tiny_scope
+
+    from model.types import ImageInput
+
+    ts = tiny_scope(compat=compat)
+    img = rand_image(60, 90)
+    cases = [[ImageInput(img)], [ImageInput(img, "optical"), ImageInput(img, "sar")],
+             [ImageInput(img, "t0"), ImageInput(img, "t1"), ImageInput(img, "t2")]]
+    template = ts.model.config.template
+    for images in cases:
+        ctx = ts.prepare(images)
+        for question, options in [("Which share is flooded?", ["<5%", "5-10%", "ä ü 30%"]),
+                                  ("Count the buildings.\n\nThen stop.", None),
+                                  ("What is <IMG_CONTEXT> here?", None)]:
+            full = ts.tokenizer.encode(build_prompt(template, question, options, ctx.token_counts, ctx.roles))
+            assert ts.generator.prompt_ids(ctx, question, options) == full
