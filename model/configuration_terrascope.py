@@ -122,6 +122,9 @@ class TerraScopeConfig:
     suppress_no_object: bool = True  # object score <= 0 -> empty mask (official code does not do it)
     extra_stop_tokens: list[str] = field(default_factory=list)
     format: str = "terrascope-native"
+    # SAM-2 test-time augmentation: masks averaged over this many dihedral views of the image (1 = off, as
+    # the official code; 4 = identity, hflip, vflip, rot180; 8 adds the transposed four). model/sam2_tta.py
+    sam2_tta: int = 1
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property
@@ -174,6 +177,8 @@ class TerraScopeConfig:
             raise ValueError("vision hidden_size must be divisible by num_attention_heads")
         if self.llm.hidden_size % self.llm.num_attention_heads:
             raise ValueError("llm hidden_size must be divisible by num_attention_heads")
+        if isinstance(self.sam2_tta, bool) or not isinstance(self.sam2_tta, int) or not 1 <= self.sam2_tta <= 8:
+            raise ValueError(f"sam2_tta (SAM-2 dihedral TTA views) must be an int in 1..8, got {self.sam2_tta!r}")
         if len(self.sam2.hiera_stages) != len(self.sam2.hiera_window_spec):
             raise ValueError("sam2 hiera_stages and hiera_window_spec must have the same length")
 

@@ -144,10 +144,18 @@ if triton is not None:
                           BQR, BK, D, BD, PRECISION)
 
     @triton.jit(do_not_specialize=["n_splits"])
-    def _combine_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, n_splits,
-                        D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr):
-        """One query: log-sum-exp merge of its partials (empty ones have max -inf and weigh nothing)."""
+    def _combine_kernel(acc_ptr, m_ptr, l_ptr, o_ptr, n_splits, KVH: tl.constexpr, R: tl.constexpr,
+                        GQ: tl.constexpr, D: tl.constexpr, BD: tl.constexpr, BS: tl.constexpr):
+        """One query: log-sum-exp merge of its partials (empty ones have max -inf and weigh nothing).
+
+        Queries are numbered [G, kvh, R, g]; the output is stored [G, R, kvh, g], i.e. already the rows'
+        [batch, heads * d] layout the o-projection reads (no transposing copy after the kernel)."""
         qi = tl.program_id(0).to(tl.int64)
+        j = qi % GQ
+        row = (qi // GQ) % R
+        kv = (qi // (GQ * R)) % KVH
+        grp = qi // (GQ * R * KVH)
+        dest = ((grp * R + row) * KVH + kv) * GQ + j
         rs = tl.arange(0, BS)
         rd = tl.arange(0, BD)
         dmask = rd < D
@@ -169,7 +177,7 @@ if triton is not None:
                         mask=smask[:, None] & dmask[None, :], other=0.0)
             acc += a * w[:, None]
         o = tl.sum(acc, 0) / tl.sum(l_lane, 0)
-        tl.store(o_ptr + qi * D + rd, o.to(o_ptr.dtype.element_ty), mask=dmask)
+        tl.store(o_ptr + dest * D + rd, o.to(o_ptr.dtype.element_ty), mask=dmask)
 
 
 # ---- host side ---------------------------------------------------------------------------------------------
@@ -221,7 +229,7 @@ class Workspace:
     acc: torch.Tensor  # [Q, n_splits, d] float32
     m: torch.Tensor  # [Q, n_splits] float32 (log2 domain)
     l: torch.Tensor  # [Q, n_splits] float32
-    out: torch.Tensor  # [G, kvh, R, g, 1, d] in the model dtype
+    out: torch.Tensor  # [G, kvh, R, g, 1, d] in the model dtype: a view of storage laid out [G, R, kvh, g, 1, d]
 
     @classmethod
     def create(cls, G: int, kvh: int, R: int, g: int, d: int, pb: int, sb: int, dtype: torch.dtype,
@@ -236,7 +244,7 @@ class Workspace:
         f32 = {"device": device, "dtype": torch.float32}
         return cls(G, kvh, R, g, d, pb, sb, plan, torch.empty(Q, plan.n_splits, d, **f32),
                    torch.empty(Q, plan.n_splits, **f32), torch.empty(Q, plan.n_splits, **f32),
-                   torch.empty(G, kvh, R, g, 1, d, device=device, dtype=dtype))
+                   torch.empty(G, R, kvh, g, 1, d, device=device, dtype=dtype).permute(0, 2, 1, 3, 4, 5))
 
 
 def _check(ws: Workspace, q: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor, prefix_len: torch.Tensor,
@@ -285,7 +293,7 @@ def decode_attention(q: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor, 
         KVH=ws.kvh, R=ws.R, GQ=ws.g, D=ws.d, BD=bd, BQP=p.qblock_p, BQR=_pow2(ws.g, 16),
         BK=p.block_k, PRECISION=precision, num_warps=8 if p.qblock_p >= 64 else 4)
     n_q = ws.G * ws.kvh * ws.R * ws.g
-    _combine_kernel[(n_q,)](ws.acc, ws.m, ws.l, ws.out, p.n_splits, D=ws.d, BD=bd,
+    _combine_kernel[(n_q,)](ws.acc, ws.m, ws.l, ws.out, p.n_splits, KVH=ws.kvh, R=ws.R, GQ=ws.g, D=ws.d, BD=bd,
                             BS=16 if p.n_splits <= 16 else 32, num_warps=4)
     return ws.out
 

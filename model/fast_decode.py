@@ -301,6 +301,10 @@ class FastDecoder:
     of single-token steps; ``self.attention`` is what runs and ``self.attention_reason`` why not Triton.
     """
 
+    #: attention of eager multi-token steps (question prompts; injections outside a graph): "sdpa"
+    #: (``_prefill_attend``) or "bmm" (what the captured injection graphs run)
+    prefill_attention = "sdpa"
+
     def __init__(self, model: TerraScopeModel, *, groups: int = 1, rows_per_group: int = 1,
                  max_prefix: int, max_row_len: int, inject_len: int = 16,
                  use_graphs: bool | None = None, kernels: str = "eager", attention: str | None = None) -> None:
@@ -463,6 +467,35 @@ class FastDecoder:
                 best, best_ms = name, ms
         return best
 
+    def _prefill_mask(self, lim: torch.Tensor, pb: int, sb: int) -> torch.Tensor:
+        """[G, 1, R*L, pb + R*sb] bool: a query (row r, token t) sees its group's valid prefix slots and the
+        slots of its own row up to its position ``lim[b, t]``."""
+        G, R, L = self.G, self.R, lim.shape[1]
+        dev = self.device
+        pre = torch.arange(pb, device=dev)[None, :] < self.prefix_len[:, None]  # [G, pb]
+        pre = pre[:, None, :].expand(G, R * L, pb)
+        same = torch.eye(R, dtype=torch.bool, device=dev)[None, :, None, :, None]  # q row r, key row r'
+        upto = self.slots[:sb][None, None, None, None, :] <= lim.view(G, R, L, 1, 1)
+        row = (same & upto).reshape(G, R * L, R * sb)
+        return torch.cat((pre, row), -1)[:, None]
+
+    def _prefill_attend(self, q: torch.Tensor, li: int, pb: int, sb: int, mask: torch.Tensor) -> torch.Tensor:
+        """Attention of L tokens a row through ``scaled_dot_product_attention``, one call per layer for the
+        batch: each group's R rows are one query block over [its prefix ; every row of the group] with
+        ``mask`` keeping each row to its own slots. Returns ``o`` laid out as the bmm path's [G, kvh, R, g, L, d].
+
+        Why: the bmm path materialises [G*kvh, R*g*L, pb] scores, concatenates and slices them; at batch 32
+        with 45-token prompts that was most of a 125 ms prefill."""
+        G, R, kvh, g, d = self.G, self.R, self.kvh, self.g, self.d
+        L = q.shape[4]
+        qq = q.permute(0, 1, 3, 2, 4, 5).reshape(G, kvh * g, R * L, d)  # head h = kv * g + j, as Qwen2 maps
+        kk = torch.cat((self.k_pre[li, :, :, :pb], self.k_row[li, :, :, :, :sb].reshape(G, kvh, R * sb, d)), 2)
+        vv = torch.cat((self.v_pre[li, :, :, :pb], self.v_row[li, :, :, :, :sb].reshape(G, kvh, R * sb, d)), 2)
+        kk = kk.repeat_interleave(g, 1)
+        vv = vv.repeat_interleave(g, 1)
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale)  # [G, nh, R*L, d]
+        return o.view(G, kvh, g, R, L, d).permute(0, 1, 3, 2, 4, 5).contiguous()
+
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_pre, self.v_pre, self.k_row, self.v_row))
 
@@ -496,7 +529,11 @@ class FastDecoder:
         ar = torch.arange(L, device=self.device)
         lim = self.pos[:, None] + ar[None, :]  # [B, L] last visible row slot of each query
         ws = self._attn_workspace(pb, sb) if L == 1 else None  # the kernel reads prefix_len and pos itself
-        if ws is None:
+        sdpa = L > 1 and self.prefill_attention == "sdpa" and not (
+            self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        if sdpa:
+            sdpa_mask = self._prefill_mask(lim, pb, sb)
+        elif ws is None:
             row_mask = torch.where(self.slots[None, None, :sb] <= lim[..., None], 0.0, NEG_INF).to(self.dtype)
             row_mask = row_mask.view(G, 1, R, 1, L, sb).expand(G, kvh, R, g, L, sb).reshape(G * kvh * R, g * L, sb)
             pmask = self.pmask[:, :, :pb]
@@ -515,7 +552,9 @@ class FastDecoder:
             qkv = torch.addmm(w.bqkv, n1, w.wqkv.t()).view(B, L, nh + 2 * kvh, d)
             kr, vr = self.k_row[li], self.v_row[li]  # [G, kvh, R, S, d]
             q = rope_kv(qkv, cos, sin_s, kr, vr, index, nh, kvh)
-            if ws is not None:  # one split-K kernel pair: prefix + row keys, joint softmax, no masks
+            if sdpa:  # eager multi-token steps (a batch's question prompts): fused attention, no score tensors
+                o = self._prefill_attend(q, li, pb, sb, sdpa_mask)
+            elif ws is not None:  # one split-K kernel pair: prefix + row keys, joint softmax, no masks
                 o = self._da.decode_attention(q, self.k_pre[li, :, :, :pb], self.v_pre[li, :, :, :pb],
                                               self.prefix_len, kr[:, :, :, :sb], vr[:, :, :, :sb], self.pos,
                                               self.scale, ws)
@@ -1090,12 +1129,13 @@ class Question:
 class _SamEarly:
     """SAM-2 embeddings of every image of a batch, encoded before decoding starts, on a side stream (CUDA).
 
-    The image encoder is compute-bound and decoding is bandwidth-bound, so an encode queued before the first
-    decode step runs beside the first decode steps instead of stalling the first [SEG]. It is issued from the
-    calling thread, in one batched forward (``Generator.encode_sam_many``): a background thread issuing the
-    encodes one by one made decoding slower (run 2 in docs/PERFORMANCE.md). ``TERRASCOPE_SAM2_EARLY=0`` turns
-    it off (then each image is encoded at its first [SEG]). The features land in each context's ``sam_cache``
-    exactly as a lazy encode would put them there, once per image.
+    The idea: the image encoder is compute-bound and decoding bandwidth-bound, so an encode queued before the
+    first decode step could run beside the first decode steps instead of stalling the first [SEG]. It is
+    issued from the calling thread, in one batched forward (``Generator.encode_sam_many``). Measured on an
+    H100 (docs/PERFORMANCE.md, run 7) it gained nothing once the encoder runs as a CUDA graph: the two
+    contend for the same SMs. So it is off unless ``TERRASCOPE_SAM2_EARLY=1``; otherwise each image is
+    encoded at its first [SEG]. The features land in each context's ``sam_cache`` exactly as a lazy encode
+    would put them there, once per image.
     """
 
     def __init__(self, gen: Generator, ctxs: Sequence[VisualContext]) -> None:
@@ -1127,7 +1167,7 @@ class _SamEarly:
 
 
 def sam2_early_enabled(model: TerraScopeModel) -> bool:
-    return model.device.type == "cuda" and os.environ.get("TERRASCOPE_SAM2_EARLY", "1") != "0"
+    return model.device.type == "cuda" and os.environ.get("TERRASCOPE_SAM2_EARLY", "0") == "1"
 
 
 def _seg_handler(gen: Generator, states: list[AnswerState], early: _SamEarly | None) -> SegHandler:

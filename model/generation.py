@@ -263,6 +263,17 @@ _SELECT_POOL: ThreadPoolExecutor | None = None
 SAM2_MAX_FRAMES = 8
 
 
+def _host_copy(t: torch.Tensor) -> np.ndarray:
+    """``t.cpu().numpy()``, through pinned memory on CUDA: a batch's masks (32 x 896 x 896) took 5 ms a copy
+    through pageable memory. The array views the pinned block, which returns to torch's cache when freed."""
+    if t.device.type != "cuda":
+        return t.cpu().numpy()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    torch.cuda.current_stream().synchronize()
+    return host.numpy()
+
+
 def normalized_on(model: TerraScopeModel, pixels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
     """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] on the model's device: /255, then (x - mean) / std.
 
@@ -499,7 +510,7 @@ class Generator:
                     continue
                 idx = torch.tensor(rows, device=dec.low_res.device)
                 probs = mask_probabilities(dec.low_res[idx], hw, cfg.sam2.image_size)
-                host = (probs > 0.5).cpu().numpy()
+                host = _host_copy(probs > 0.5)
                 for j, i in enumerate(rows):
                     out[i] = np.zeros(hw, bool) if empty[i] else host[j]
                     if out is masks_sel:

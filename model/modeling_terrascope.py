@@ -17,6 +17,7 @@ from torch import nn
 from transformers import InternVLVisionModel, Qwen2ForCausalLM, Sam2Model
 from transformers.cache_utils import DynamicCache
 
+from . import sam2_tta
 from .configuration_terrascope import TerraScopeConfig
 from .sam2_graph import Sam2EncoderGraphs
 
@@ -24,17 +25,38 @@ from .sam2_graph import Sam2EncoderGraphs
 # pick whichever the installed version's Qwen2Model.forward declares so both 5.17 and 5.24 work.
 _CACHE_KW = "cache" if "cache" in inspect.signature(
     __import__("transformers").Qwen2Model.forward).parameters else "past_key_values"
+#: how SAM-2 TTA views are averaged ("logits" or "probs", see ``sam2_tta.merge_views``)
+TTA_MEAN = __import__("os").environ.get("TERRASCOPE_SAM2_TTA_MEAN", "logits")
 
 
 @dataclass
 class Sam2Features:
-    """SAM-2 image embeddings of one or more frames, computed once and reused by every [SEG]."""
+    """SAM-2 image embeddings of one or more frames, computed once and reused by every [SEG].
 
-    image_embeddings: list[torch.Tensor]  # [s0 (conv_s0'd), s1 (conv_s1'd), last + no_mem_embed], NCHW
+    With test-time augmentation (``config.sam2_tta`` = k > 1) ``image_embeddings`` holds the 3 maps of each
+    of the k dihedral views of the frames, view-major: [s0, s1, last] of view 0 (the plain image), then view
+    1, ... Every map keeps frames on dim 0, so slicing frames (``frame``) or concatenating features of
+    several images map by map (what generation and the fast path do) keeps the views with their frames.
+    """
+
+    image_embeddings: list[torch.Tensor]  # [s0 (conv_s0'd), s1 (conv_s1'd), last + no_mem_embed] x views, NCHW
     image_pe: torch.Tensor  # [1, C, 64, 64]
+
+    LEVELS = 3  # maps per view: the mask decoder takes two high-resolution maps and the last one
 
     def frame(self, index: int) -> Sam2Features:
         return Sam2Features([e[index:index + 1] for e in self.image_embeddings], self.image_pe)
+
+    @property
+    def views(self) -> int:
+        n = len(self.image_embeddings)
+        if n == 0 or n % self.LEVELS:
+            raise ValueError(f"Sam2Features holds {n} maps; expected {self.LEVELS} per dihedral view")
+        return n // self.LEVELS
+
+    def view(self, index: int) -> list[torch.Tensor]:
+        """The [s0, s1, last] maps of dihedral view ``index`` (0 = the image as given)."""
+        return self.image_embeddings[index * self.LEVELS:(index + 1) * self.LEVELS]
 
 
 @dataclass
@@ -124,16 +146,26 @@ class TerraScopeModel(nn.Module):
         return hidden, self.language_model.lm_head(head_in).float()
 
     # ---- SAM-2 ------------------------------------------------------------------------------------------
-    def sam2_encode(self, g_pixel_values: torch.Tensor) -> Sam2Features:
-        """[frames, 3, 1024, 1024] -> image embeddings (Hiera + FPN, conv_s0/s1, + no_mem_embed)."""
+    def sam2_encode(self, g_pixel_values: torch.Tensor, views: int | None = None) -> Sam2Features:
+        """[frames, 3, 1024, 1024] -> image embeddings (Hiera + FPN, conv_s0/s1, + no_mem_embed).
+
+        ``views`` dihedral views per frame (default ``config.sam2_tta``; 1 = the image only) are encoded in
+        the same forward as one batch of views x frames (see ``Sam2Features`` for the layout). Training
+        code should pass ``views=1``: its losses read one view.
+        """
+        views = sam2_tta.check_views(self.config.sam2_tta if views is None else views)
         self.sam2_encode_calls += 1
         g = g_pixel_values.to(device=self.device, dtype=self.dtype)
+        frames = g.shape[0]
+        g = sam2_tta.stack_views(g, views)
         maps = None
         if Sam2EncoderGraphs.wanted(g):  # CUDA: a graph replay (model/sam2_graph.py); None -> eager
             graphs = self.__dict__.setdefault("_ts_sam2_graphs", Sam2EncoderGraphs(self._sam2_maps))
             maps = graphs.encode(g)
         if maps is None:
             maps = self._sam2_maps(g)
+        if views > 1:
+            maps = [m[v * frames:(v + 1) * frames] for v in range(views) for m in maps]
         return Sam2Features(maps, self.grounding_encoder.get_image_wide_positional_embeddings())
 
     def _sam2_maps(self, g: torch.Tensor) -> list[torch.Tensor]:
@@ -147,7 +179,29 @@ class TerraScopeModel(nn.Module):
         return maps
 
     def sam2_decode(self, features: Sam2Features, prompt: torch.Tensor) -> MaskLogits:
-        """Decode masks for ``prompt`` [B, C] (one text prompt per frame in ``features``)."""
+        """Decode masks for ``prompt`` [B, C] (one text prompt per frame in ``features``).
+
+        With several dihedral views in ``features`` the prompt is decoded against every view in one batch;
+        each view's multimask logits are mapped back to the image frame and averaged channel by channel, as
+        are the predicted IoUs and object scores, and best-of-3 is picked on the averaged IoUs.
+        """
+        batch = prompt.shape[0]
+        device = prompt.device
+        views = features.views
+        if views == 1:
+            low, iou, obj = self._sam2_multimask(features.image_embeddings, features.image_pe, prompt)
+        else:
+            maps = [torch.cat([features.view(v)[i] for v in range(views)]) for i in range(Sam2Features.LEVELS)]
+            low, iou, obj = self._sam2_multimask(maps, features.image_pe, prompt.repeat(views, 1))
+            low, iou, obj = sam2_tta.merge_views(low.unflatten(0, (views, batch)), iou.unflatten(0, (views, batch)),
+                                                 obj.unflatten(0, (views, batch)), TTA_MEAN)
+        best = iou.argmax(dim=-1)
+        chosen = low[torch.arange(batch, device=device), best][:, None]
+        return MaskLogits(chosen, iou, obj, best)
+
+    def _sam2_multimask(self, maps: list[torch.Tensor], image_pe: torch.Tensor, prompt: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One mask-decoder call: (logits [B, 3, 256, 256], IoU [B, 3], object score [B, 1]), float32."""
         sam = self.grounding_encoder
         batch = prompt.shape[0]
         device = prompt.device
@@ -157,21 +211,15 @@ class TerraScopeModel(nn.Module):
                                            input_masks=None)
         # official Sa2VA: the language embedding is appended after the (dummy point, pad) sparse tokens
         sparse = torch.cat([sparse, prompt[:, None, None, :].to(sparse.dtype)], dim=2)
-        image_pe = features.image_pe.repeat(batch, 1, 1, 1)
         low, iou, _, obj = sam.mask_decoder(
-            image_embeddings=features.image_embeddings[-1],
-            image_positional_embeddings=image_pe,
+            image_embeddings=maps[-1],
+            image_positional_embeddings=image_pe.repeat(batch, 1, 1, 1),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=True,
-            high_resolution_features=features.image_embeddings[:-1],
+            high_resolution_features=maps[:-1],
         )
-        low = low[:, 0].float()  # [B, 3, 256, 256]
-        iou = iou[:, 0].float()  # [B, 3]
-        obj = obj[:, 0].float()  # [B, 1]
-        best = iou.argmax(dim=-1)
-        chosen = low[torch.arange(batch, device=device), best][:, None]
-        return MaskLogits(chosen, iou, obj, best)
+        return low[:, 0].float(), iou[:, 0].float(), obj[:, 0].float()
 
     def seg_prompt(self, seg_hidden: torch.Tensor) -> torch.Tensor:
         """[SEG] last-layer hidden state [B, H] -> SAM-2 language prompt [B, C]."""

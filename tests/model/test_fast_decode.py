@@ -66,8 +66,11 @@ def assert_same(a, b) -> None:
         assert x.score == pytest.approx(y.score, abs=1e-5)
 
 
+@pytest.mark.parametrize("prefill_attention", ["sdpa", "bmm"])
 @pytest.mark.parametrize("compat", ["native", "official"])
-def test_fast_and_naive_give_identical_traces_and_masks(compat):
+def test_fast_and_naive_give_identical_traces_and_masks(compat, prefill_attention, monkeypatch):
+    """Both attentions of multi-token steps: SDPA (eager prompts) and bmm (what the injection graphs run)."""
+    monkeypatch.setattr(fd.FastDecoder, "prefill_attention", prefill_attention)
     ts = sharp_scope(compat=compat)
     ctx = ts.prepare([ImageInput(rand_image(90, 200, seed=1))])
     forced = ts.tokenizer.encode(SEG2)
