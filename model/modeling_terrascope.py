@@ -26,7 +26,7 @@ from .sam2_graph import Sam2EncoderGraphs
 _CACHE_KW = "cache" if "cache" in inspect.signature(
     __import__("transformers").Qwen2Model.forward).parameters else "past_key_values"
 #: how SAM-2 TTA views are averaged ("logits" or "probs", see ``sam2_tta.merge_views``)
-TTA_MEAN = __import__("os").environ.get("TERRASCOPE_SAM2_TTA_MEAN", "logits")
+TTA_MEAN = "logits"
 
 
 @dataclass
