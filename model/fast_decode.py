@@ -77,6 +77,9 @@ _RECOMPILE_LIMIT = 64
 #: Held by graph captures: a capture must not see another thread's synchronous CUDA call (a pageable copy, an
 #: allocation) while it records.
 _CAPTURE_LOCK = threading.Lock()
+#: Question prompts up to this many tokens a row are prefilled by a captured "ragged" graph (width buckets of
+#: powers of two); longer ones run eagerly.
+PROMPT_GRAPH_WIDTH = 64
 #: Attention of single-token steps: "triton" (split-K kernel, CUDA), "bmm" (batched GEMMs + softmax) or "auto"
 #: (triton where it can run). Read when a decoder is built; the ``attention`` arguments override it.
 ATTENTION_ENV = "TERRASCOPE_DECODE_ATTENTION"
@@ -382,7 +385,8 @@ class FastDecoder:
         self.forced = torch.full((B, 1), -1, **li)
         self.seg_id = torch.zeros((), **li)
         self.hidden_out = torch.zeros(B, self.H, **kw)
-        self.rag_embeds = torch.zeros(B, self.Linj, self.H, **kw)
+        self.rag_cap = max(self.Linj, PROMPT_GRAPH_WIDTH)  # widest graphed multi-token step
+        self.rag_embeds = torch.zeros(B, self.rag_cap, self.H, **kw)
         self.rag_nvalid = torch.ones(B, **li)
         self.rag_emit = torch.ones(B, dtype=torch.bool, device=self.device)
         self.ones_b = torch.ones(B, **li)
@@ -529,8 +533,9 @@ class FastDecoder:
         ar = torch.arange(L, device=self.device)
         lim = self.pos[:, None] + ar[None, :]  # [B, L] last visible row slot of each query
         ws = self._attn_workspace(pb, sb) if L == 1 else None  # the kernel reads prefix_len and pos itself
-        sdpa = L > 1 and self.prefill_attention == "sdpa" and not (
-            self.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+        # graph bodies (their warm-up runs included, so a capture never meets an uninitialised cuBLAS path)
+        # keep the bmm math; eager multi-token steps take SDPA
+        sdpa = L > 1 and self.prefill_attention == "sdpa" and not (fused and self.use_graphs)
         if sdpa:
             sdpa_mask = self._prefill_mask(lim, pb, sb)
         elif ws is None:
@@ -625,13 +630,14 @@ class FastDecoder:
     def _pb(self) -> int:
         return min(_round_up(int(self.prefix_len.max()), 128), self.P)
 
-    def _wb(self, wide: int) -> int:
-        """Injection width bucket: powers of two from 8 up to ``inject_len``. A batch injecting a few tokens a
-        row must not run ``B x inject_len`` tokens through the model (at batch 32 that step is compute-bound)."""
+    def _wb(self, wide: int, cap: int | None = None) -> int:
+        """Width bucket of a multi-token step: powers of two from 8 up to ``cap`` (``inject_len`` for
+        injections). A batch injecting a few tokens a row must not run ``B x inject_len`` tokens through the
+        model (at batch 32 that step is compute-bound)."""
         w = 8
         while w < wide:
             w *= 2
-        return min(w, self.Linj)
+        return min(w, self.Linj if cap is None else cap)
 
     def _launch(self, kind: str, need: int, width: int = 1) -> None:
         """Run one decode ("decode") or injection ("ragged", ``width`` embeddings a row) step: graph replay
@@ -777,14 +783,25 @@ class FastDecoder:
         self.seg_id.fill_(settings.seg_id)
         self._load_forced(rows, slot_of)
 
-        # suffix prefill: every question's own prompt, in one eager ragged step
-        emb = torch.zeros(B, width, self.H, device=self.device, dtype=self.dtype)
+        # suffix prefill: every question's own prompt in one ragged step; a graph replay when graphed and
+        # the prompts fit PROMPT_GRAPH_WIDTH (eagerly, at batch 32 it was bound by ~1,100 kernel launches)
         used = [1] * B  # host mirror of each live row's cache position
         for s, r in zip(slot_of, rows):
-            emb[s, : r.embeds.shape[0]] = r.embeds.to(self.device, self.dtype)
             used[s] = r.embeds.shape[0]
-        self._forward(emb, torch.tensor(used, device=self.device), torch.ones(B, dtype=torch.bool, device=self.device),
-                      self._cur_pb, self._sb(width))
+        wb = self._wb(width, self.rag_cap)
+        if self.use_graphs and width <= self.rag_cap and wb < self.S:
+            self.rag_embeds[:, :wb].zero_()
+            for s, r in zip(slot_of, rows):
+                self.rag_embeds[s, : r.embeds.shape[0]] = r.embeds.to(self.device, self.dtype)
+            self.rag_nvalid.copy_(torch.tensor(used))
+            self.rag_emit.fill_(True)
+            self._launch("ragged", width, wb)
+        else:
+            emb = torch.zeros(B, width, self.H, device=self.device, dtype=self.dtype)
+            for s, r in zip(slot_of, rows):
+                emb[s, : r.embeds.shape[0]] = r.embeds.to(self.device, self.dtype)
+            self._forward(emb, torch.tensor(used, device=self.device),
+                          torch.ones(B, dtype=torch.bool, device=self.device), self._cur_pb, self._sb(width))
         prev = self._post()
         if self.device.type == "cuda":
             prev.tokens()
