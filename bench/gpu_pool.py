@@ -87,8 +87,10 @@ def wait_ready(endpoint: str, proc: subprocess.Popen, timeout_s: float) -> None:
     raise RuntimeError("the worker never answered a ping")
 
 
-def run_questions(endpoint: str, n: int, clients: int, args: argparse.Namespace) -> tuple[float, list[str]]:
-    """``n`` questions from ``clients`` concurrent clients; returns (seconds, problems)."""
+def run_questions(endpoint: str, n: int, clients: int, args: argparse.Namespace,
+                  served: list[dict] | None = None) -> tuple[float, list[str]]:
+    """``n`` questions from ``clients`` concurrent clients; returns (seconds, problems). ``served`` gets each
+    answer's worker pid and server-side timings (to tell uneven spreading from slower members)."""
     from qgis_plugin.client import WorkerClient
 
     header, arrays = request(args)
@@ -107,6 +109,10 @@ def run_questions(endpoint: str, n: int, clients: int, args: argparse.Namespace)
                     done = c.ask(dict(header), arrays, max_wait_s=args.timeout * 4)
                     if done.get("event") != "done":
                         problems.append(f"unexpected final event {done.get('event')}")
+                    elif served is not None:
+                        with lock:
+                            served.append({"pid": (done.get("worker") or {}).get("pid"),
+                                           **(done.get("timings_ms") or {})})
                 except Exception as exc:  # noqa: BLE001 - counted and reported, the run goes on
                     problems.append(repr(exc))
 
@@ -117,6 +123,20 @@ def run_questions(endpoint: str, n: int, clients: int, args: argparse.Namespace)
     for t in threads:
         t.join()
     return time.perf_counter() - t0, problems
+
+
+def per_member(served: list[dict]) -> list[dict[str, Any]]:
+    """Answers per worker process with their mean service time (total - queue), model time and queue wait."""
+    out = []
+    for pid in sorted({d["pid"] for d in served}, key=str):
+        mine = [d for d in served if d["pid"] == pid]
+
+        def mean(key: str, rows: list[dict] = mine) -> float:
+            return float(np.mean([r.get(key, 0.0) for r in rows]))
+
+        out.append({"pid": pid, "answered": len(mine), "service_ms": mean("total") - mean("queue"),
+                    "model_ms": mean("total_ms"), "queue_ms": mean("queue")})
+    return out
 
 
 def bench_pool(label: str, pool_args: list[str], members: int, ckpt: Path, args: argparse.Namespace,
@@ -138,12 +158,16 @@ def bench_pool(label: str, pool_args: list[str], members: int, ckpt: Path, args:
         result["start_and_warmup_s"] = time.perf_counter() - t0
         if warm_problems:
             raise RuntimeError(f"warm-up failed: {warm_problems[:3]}")
-        secs, problems = run_questions(endpoint, args.questions, args.clients, args)
+        served: list[dict] = []
+        secs, problems = run_questions(endpoint, args.questions, args.clients, args, served)
         answered = args.questions - len(problems)
         result.update({"questions": args.questions, "answered": answered, "s": secs, "q_per_s": answered / secs,
-                       "problems": problems[:5]})
+                       "problems": problems[:5], "per_member": per_member(served)})
         print(f"[pool] {label}: {answered}/{args.questions} questions in {secs:.2f}s -> {answered / secs:.2f} q/s "
               f"(start + warm-up {result['start_and_warmup_s']:.1f}s)", flush=True)
+        for m in result["per_member"]:
+            print(f"[pool]   member pid {m['pid']}: {m['answered']} answered, service {m['service_ms']:.0f} ms "
+                  f"(model {m['model_ms']:.0f} ms) a question, queued {m['queue_ms']:.0f} ms", flush=True)
     finally:
         try:
             from qgis_plugin.client import WorkerClient
