@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import CHECKPOINT
+from conftest import CHECKPOINT, tiny_config
 
 from model.api import TerraScope
 from model.types import GenerationSettings, ImageInput
@@ -72,8 +72,6 @@ def test_model_input_normalised_on_cuda_is_bit_identical_to_numpy():
 def test_sam2_encoder_graph_replays_equal_the_eager_encoder(monkeypatch):
     """The SAM-2 encoder's CUDA graphs (model/sam2_graph.py) give the eager encoder's maps, and a replay's
     result is not overwritten by the next one."""
-    from conftest import tiny_config
-
     from model.loading import random_model
 
     model = random_model(tiny_config(), "cuda", seed=0)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import rand_image, tiny_scope
 
 from model.prompting import build_prompt, extract_choice, parse_response, route_marker, seg_label
+from model.types import ImageInput
 
 
 @pytest.mark.parametrize("text,n,want", [
@@ -69,10 +71,6 @@ def test_prompt_ids_expand_one_placeholder_per_image_to_the_full_tokenisation(co
     """``Generator.prompt_ids`` tokenises one image-context token per image and expands it; the ids must equal
     tokenising the fully expanded prompt, for one image, a pair and a series, and a question that itself
     spells the placeholder (which takes the full path)."""
-    from conftest import rand_image, tiny_scope
-
-    from model.types import ImageInput
-
     ts = tiny_scope(compat=compat)
     img = rand_image(60, 90)
     cases = [[ImageInput(img)], [ImageInput(img, "optical"), ImageInput(img, "sar")],
