@@ -25,8 +25,6 @@ from .sam2_graph import Sam2EncoderGraphs
 # pick whichever the installed version's Qwen2Model.forward declares so both 5.17 and 5.24 work.
 _CACHE_KW = "cache" if "cache" in inspect.signature(
     __import__("transformers").Qwen2Model.forward).parameters else "past_key_values"
-#: how SAM-2 TTA views are averaged ("logits" or "probs", see ``sam2_tta.merge_views``)
-TTA_MEAN = "logits"
 
 
 @dataclass
@@ -194,7 +192,7 @@ class TerraScopeModel(nn.Module):
             maps = [torch.cat([features.view(v)[i] for v in range(views)]) for i in range(Sam2Features.LEVELS)]
             low, iou, obj = self._sam2_multimask(maps, features.image_pe, prompt.repeat(views, 1))
             low, iou, obj = sam2_tta.merge_views(low.unflatten(0, (views, batch)), iou.unflatten(0, (views, batch)),
-                                                 obj.unflatten(0, (views, batch)), TTA_MEAN)
+                                                 obj.unflatten(0, (views, batch)))
         best = iou.argmax(dim=-1)
         chosen = low[torch.arange(batch, device=device), best][:, None]
         return MaskLogits(chosen, iou, obj, best)

@@ -71,7 +71,8 @@ def merge_views(low: torch.Tensor, iou: torch.Tensor, obj: torch.Tensor, mean: s
     ``low`` [V, B, M, s, s] logits predicted on each view, ``iou`` [V, B, M], ``obj`` [V, B, 1]. Each
     multimask channel is averaged on its own (so best-of-M is picked later on the averaged IoU, one decision
     for all views). ``mean="probs"`` averages sigmoids and returns their logit, so downstream code that
-    resizes logits and applies a sigmoid keeps working unchanged.
+    resizes logits and applies a sigmoid keeps working unchanged (on terrascope-mini's decision bench it
+    scored the same as averaging logits, the default).
     """
     if mean not in MEANS:
         raise ValueError(f"TTA mean must be one of {MEANS}, got {mean!r}")

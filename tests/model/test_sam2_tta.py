@@ -138,6 +138,21 @@ def test_views_match_their_numpy_definitions_and_undo_exactly():
     assert len(set(seen)) == 8  # eight distinct transforms
 
 
+def test_merge_views_averages_logits_or_probabilities_in_the_original_frame():
+    gen = torch.Generator().manual_seed(11)
+    low, iou, obj = torch.randn(4, 2, 3, 6, 6, generator=gen) * 3, torch.rand(4, 2, 3), torch.randn(4, 2, 1)
+    names = sam2_tta.VIEW_NAMES[:4]
+    undone = np.stack([np.ascontiguousarray(NP_VIEWS[n][1](low[v].numpy())) for v, n in enumerate(names)])
+    m_low, m_iou, m_obj = sam2_tta.merge_views(low, iou, obj)
+    np.testing.assert_allclose(m_low.numpy(), undone.mean(0), atol=1e-6)
+    np.testing.assert_allclose(m_iou.numpy(), iou.numpy().mean(0), atol=1e-7)
+    np.testing.assert_allclose(m_obj.numpy(), obj.numpy().mean(0), atol=1e-7)
+    p_low = sam2_tta.merge_views(low, iou, obj, "probs")[0]
+    np.testing.assert_allclose(p_low.sigmoid().numpy(), (1 / (1 + np.exp(-undone))).mean(0), atol=1e-5)
+    with pytest.raises(ValueError, match="mean"):
+        sam2_tta.merge_views(low, iou, obj, "median")
+
+
 # ---- k = 1 is the previous code ----------------------------------------------------------------------------
 @torch.no_grad()
 def test_one_view_is_the_previous_code_bit_for_bit():
