@@ -85,7 +85,7 @@ class Banks:
             levels: list[list[torch.Tensor]] = []
             for i in range(0, self.sam.shape[0], chunk):
                 with ctx:
-                    feats = model.sam2_encode(_normalize(self.sam[i:i + chunk], SAM2_MEAN, SAM2_STD))
+                    feats = model.sam2_encode(_normalize(self.sam[i:i + chunk], SAM2_MEAN, SAM2_STD), views=1)
                 levels.append([e.to(dtype) for e in feats.image_embeddings])
                 self.sam_pe = feats.image_pe.to(dtype)
             self.sam_cache = [torch.cat([lv[k] for lv in levels]) for k in range(len(levels[0]))]
@@ -302,7 +302,7 @@ class TrainingForward(nn.Module):
                 if self.training and self.sam2_dihedral:
                     ks = torch.randint(0, 8, (pixels.shape[0],), device=pixels.device)
                     pixels, target = dihedral(pixels, ks, (1, 2)), dihedral(target, ks[batch.seg_frame], (1, 2))
-                feats = m.sam2_encode(_normalize(pixels, SAM2_MEAN, SAM2_STD))
+                feats = m.sam2_encode(_normalize(pixels, SAM2_MEAN, SAM2_STD), views=1)
             per_seg = Sam2Features([e[batch.seg_frame] for e in feats.image_embeddings], feats.image_pe)
             low, iou_pred, obj = decode_all(m, per_seg, prompt)
             if target.shape[-1] != low.shape[-1]:
