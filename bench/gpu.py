@@ -295,6 +295,21 @@ def profile_decode_step(ts: TerraScope, kernels: str, attention: str, prefix_len
     del dec
 
 
+def run_batch(ts: TerraScope, imgs: list[list[ImageInput]], per_image: int, args: argparse.Namespace,
+              trace: list[int], settings: GenerationSettings, prepare: str) -> tuple[list[Any], float]:
+    """``per_image`` questions about each image from raw pixels in one ``answer_many`` batch, synced;
+    returns (results, ms to prepare). ``prepare`` "many": one ViT forward for all images."""
+    t0 = time.perf_counter()
+    ctxs = ts.generator.prepare_many(imgs) if prepare == "many" else [ts.prepare(im) for im in imgs]
+    t_prep = (time.perf_counter() - t0) * 1e3
+    qs = [fast_decode.Question(ctx, f"{QUESTION} (view {j})", OPTIONS, trace) for ctx in ctxs
+          for j in range(per_image)]
+    res = fast_decode.answer_many(ts.generator, qs, settings, kernels=args.kernels_chosen,
+                                  attention=args.attention_chosen)
+    sync(ts.model.device)
+    return res, t_prep
+
+
 def bench_throughput(ts: TerraScope, batch: int, shared: bool, args: argparse.Namespace, log: Log,
                      trace: list[int], settings: GenerationSettings) -> dict[str, Any]:
     """``batch`` questions (forced traces) from raw pixels: one static-cache batch; q/s."""
@@ -306,14 +321,7 @@ def bench_throughput(ts: TerraScope, batch: int, shared: bool, args: argparse.Na
     def once() -> tuple[float, list[Any], float]:
         sync(dev)
         t0 = time.perf_counter()
-        # --prepare many: one ViT forward for all images of the batch (Generator.prepare_many)
-        ctxs = ts.generator.prepare_many(imgs) if args.prepare == "many" else [ts.prepare(im) for im in imgs]
-        t_prep = (time.perf_counter() - t0) * 1e3
-        qs = [fast_decode.Question(ctx, f"{QUESTION} (view {j})", OPTIONS, trace) for ctx in ctxs
-              for j in range(qs_per)]
-        res = fast_decode.answer_many(ts.generator, qs, settings, kernels=args.kernels_chosen,
-                                      attention=args.attention_chosen)
-        sync(dev)
+        res, t_prep = run_batch(ts, imgs, qs_per, args, trace, settings, args.prepare)
         return time.perf_counter() - t0, res, t_prep
 
     once()  # warm-up: decoder buffers and graphs for this shape
@@ -354,17 +362,9 @@ def profile_batch(ts: TerraScope, batch: int, args: argparse.Namespace, log: Log
     n_images = max(1, batch // 8)
     imgs = [[ImageInput(scene(args.big, args.big, 200 + i))] for i in range(n_images)]
 
-    def once() -> None:
-        ctxs = ts.generator.prepare_many(imgs)
-        qs = [fast_decode.Question(ctx, f"{QUESTION} (view {j})", OPTIONS, trace) for ctx in ctxs
-              for j in range(batch // n_images)]
-        fast_decode.answer_many(ts.generator, qs, settings, kernels=args.kernels_chosen,
-                                attention=args.attention_chosen)
-        sync(ts.model.device)
-
-    once()
+    run_batch(ts, imgs, batch // n_images, args, trace, settings, "many")
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        once()
+        run_batch(ts, imgs, batch // n_images, args, trace, settings, "many")
     avg = prof.key_averages()
     for kind, key in (("gpu", "self_device_time_total"), ("cpu", "cpu_time_total")):
         table = avg.table(sort_by=key, row_limit=40)

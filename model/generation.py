@@ -274,17 +274,13 @@ def _host_copy(t: torch.Tensor) -> np.ndarray:
     return host.numpy()
 
 
-def normalized_on(model: TerraScopeModel, pixels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W] on the model's device: /255, then (x - mean) / std.
+def normalize_pixels(x: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """uint8 [N, H, W, 3] tensor -> float32 [N, 3, H, W] on its device: /255, then (x - mean) / std.
 
     The same float32 operations as ``preprocess.normalize_tiles`` / ``sam2_pixels``, each correctly rounded,
-    so bit-identical to them; done on the device because the host spent more time on this arithmetic (and on
-    copying 4x the bytes) than on tiling (about 27 ms for a 4-tile + thumbnail image on 2 cores).
+    so bit-identical to them on any device. Inference (``normalized_on``) and training both call this.
     """
-    dev = model.device
-    x = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"]))  # PIL arrays are read-only
-    if dev.type == "cuda":
-        x = x.pin_memory().to(dev, non_blocking=True)
+    dev = x.device
     # the divisors are device tensors: CUDA turns a division by a host scalar into a multiplication by its
     # reciprocal, which rounds differently
     full = torch.full((1, 1, 1, 1), 255.0, dtype=torch.float32, device=dev)
@@ -292,6 +288,19 @@ def normalized_on(model: TerraScopeModel, pixels: np.ndarray, mean: np.ndarray, 
     m = torch.from_numpy(mean).to(dev).view(1, 3, 1, 1)
     s = torch.from_numpy(std).to(dev).view(1, 3, 1, 1)
     return ((x - m) / s).contiguous()
+
+
+def normalized_on(model: TerraScopeModel, pixels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
+    """``normalize_pixels`` of host uint8 pixels, on the model's device.
+
+    On the device because the host spent more time on this arithmetic (and on copying 4x the bytes) than on
+    tiling (about 27 ms for a 4-tile + thumbnail image on 2 cores).
+    """
+    dev = model.device
+    x = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"]))  # PIL arrays are read-only
+    if dev.type == "cuda":
+        x = x.pin_memory().to(dev, non_blocking=True)
+    return normalize_pixels(x, mean, std)
 
 
 def _select_pool() -> ThreadPoolExecutor:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -24,7 +23,6 @@ import torch
 log = logging.getLogger("terrascope.sam2_graph")
 MAX_FRAMES = 4
 ENV = "TERRASCOPE_SAM2_GRAPH"
-_LOCK = threading.Lock()
 
 
 @dataclass
@@ -63,7 +61,7 @@ class Sam2EncoderGraphs:
         from .fast_decode import _CAPTURE_LOCK  # one capture at a time in the process
 
         try:
-            with _LOCK, _CAPTURE_LOCK:
+            with _CAPTURE_LOCK:
                 inputs = g.clone()
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())

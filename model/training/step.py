@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.generation import normalize_pixels
 from model.modeling_terrascope import Sam2Features, TerraScopeModel, pixel_shuffle_v2, text_relevance
 from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, SAM2_MEAN, SAM2_STD
 
@@ -78,14 +79,14 @@ class Banks:
             parts = []
             for i in range(0, self.tiles.shape[0], chunk):
                 with ctx:
-                    pv = _normalize(self.tiles[i:i + chunk], IMAGENET_MEAN, IMAGENET_STD)
+                    pv = normalize_pixels(self.tiles[i:i + chunk], IMAGENET_MEAN, IMAGENET_STD)
                     parts.append(vit_features(model, pv).to(dtype))
             self.vit_cache = torch.cat(parts)
         if sam:
             levels: list[list[torch.Tensor]] = []
             for i in range(0, self.sam.shape[0], chunk):
                 with ctx:
-                    feats = model.sam2_encode(_normalize(self.sam[i:i + chunk], SAM2_MEAN, SAM2_STD), views=1)
+                    feats = model.sam2_encode(normalize_pixels(self.sam[i:i + chunk], SAM2_MEAN, SAM2_STD), views=1)
                 levels.append([e.to(dtype) for e in feats.image_embeddings])
                 self.sam_pe = feats.image_pe.to(dtype)
             self.sam_cache = [torch.cat([lv[k] for lv in levels]) for k in range(len(levels[0]))]
@@ -100,13 +101,6 @@ def vit_features(model: TerraScopeModel, pixel_values: torch.Tensor) -> torch.Te
     side = round(hidden.shape[1] ** 0.5)
     hidden = pixel_shuffle_v2(hidden.reshape(hidden.shape[0], side, side, -1), model.config.downsample_ratio)
     return hidden.reshape(hidden.shape[0], -1, hidden.shape[-1])
-
-
-def _normalize(x: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float32 NCHW, (x/255 - mean)/std, the same float32 arithmetic as preprocess.py."""
-    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
-    return ((x.permute(0, 3, 1, 2).float() / 255.0) - m) / s
 
 
 # ---- batches -------------------------------------------------------------------------------------------------
@@ -267,7 +261,7 @@ class TrainingForward(nn.Module):
         if self.banks.vit_cache is not None:  # frozen ViT: cached features, the projector still trains
             vit = m.mlp1(self.banks.vit_cache[batch.tile_rows])
         else:
-            pv = _normalize(self.banks.tiles[batch.tile_rows], IMAGENET_MEAN, IMAGENET_STD)
+            pv = normalize_pixels(self.banks.tiles[batch.tile_rows], IMAGENET_MEAN, IMAGENET_STD)
             vit = m.extract_feature(pv)  # [tiles, tokens per tile, H]
         flat = vit.reshape(-1, vit.shape[-1])
         # 2. text embeddings with image tokens and GT-mask region tokens injected
@@ -302,7 +296,7 @@ class TrainingForward(nn.Module):
                 if self.training and self.sam2_dihedral:
                     ks = torch.randint(0, 8, (pixels.shape[0],), device=pixels.device)
                     pixels, target = dihedral(pixels, ks, (1, 2)), dihedral(target, ks[batch.seg_frame], (1, 2))
-                feats = m.sam2_encode(_normalize(pixels, SAM2_MEAN, SAM2_STD), views=1)
+                feats = m.sam2_encode(normalize_pixels(pixels, SAM2_MEAN, SAM2_STD), views=1)
             per_seg = Sam2Features([e[batch.seg_frame] for e in feats.image_embeddings], feats.image_pe)
             low, iou_pred, obj = decode_all(m, per_seg, prompt)
             if target.shape[-1] != low.shape[-1]:

@@ -143,9 +143,9 @@ def test_training_forward_matches_runtime_at_the_first_seg(setup):
         seg_h = hidden[batch.seg_b, batch.seg_pos]
         assert torch.allclose(seg_h[0], trace.segs[0]["hidden"][0], atol=1e-4)
         prompt = model.text_hidden_fcs(seg_h)
-        from model.training.step import SAM2_MEAN, SAM2_STD, Sam2Features, _normalize
+        from model.training.step import SAM2_MEAN, SAM2_STD, Sam2Features, normalize_pixels
 
-        feats = model.sam2_encode(_normalize(banks.sam[batch.sam_rows], SAM2_MEAN, SAM2_STD))
+        feats = model.sam2_encode(normalize_pixels(banks.sam[batch.sam_rows], SAM2_MEAN, SAM2_STD))
         per = Sam2Features([e[batch.seg_frame] for e in feats.image_embeddings], feats.image_pe)
         low, iou, _ = decode_all(model, per, prompt)
     best = int(iou[0].argmax())
