@@ -2,8 +2,10 @@
 
 Torch-free and QGIS-free (numpy + pyzmq >= 24). Every wait is bounded: a worker that is dead,
 hung, unreachable or refuses our CURVE key raises :class:`WorkerUnavailable` within
-``timeout_s`` (default 4 s). While an ``ask`` runs the client pings every ``heartbeat_s`` and
-names the job, so a worker can cancel jobs whose client went away.
+``timeout_s`` (default 4 s). Once an ``ask`` is running (not while it waits in the queue) the
+client pings every ``heartbeat_s`` and names the job, so a worker can cancel jobs whose client went
+away. Queued asks stay silent: in a pool every message passes a round-robin DEALER, and pings of
+waiting clients would make the spread of asks over the members random.
 
 One client = one socket = one thread at a time. Use a client per QgsTask/thread; cancel an
 ``ask`` through its ``should_cancel`` callback, not from another thread.
@@ -26,6 +28,8 @@ from . import protocol as P
 EventCallback = Callable[[dict, dict], None]
 #: Events consumed by the client itself and not passed to ``on_event``.
 _INTERNAL_EVENTS = ("alive", "pong", "ack")
+#: Events only a running job sends: seeing one starts the keepalive pings.
+_RUNNING_EVENTS = ("token", "mask", "progress")
 
 
 class WorkerUnavailable(Exception):
@@ -299,7 +303,9 @@ class WorkerClient:
     ) -> dict:
         now = time.monotonic()
         last_seen = now
-        next_ping = now + self.heartbeat_s
+        # No pings until the job is seen running (alive state=running, or a token/mask/progress):
+        # the worker judges a job's client only once it runs, and its liveness window counts from then.
+        next_ping: float | None = None
         end = None if max_wait_s is None else now + max_wait_s
         cancel_sent = False
         while True:
@@ -307,7 +313,7 @@ class WorkerClient:
             if should_cancel is not None and not cancel_sent and should_cancel():
                 self._send(P.request("cancel", target=rid), wait=False)
                 cancel_sent = True
-            if now >= next_ping:
+            if next_ping is not None and now >= next_ping:
                 self._send(P.request("ping", active=[rid]), wait=False)
                 next_ping = now + self.heartbeat_s
             if self._disconnected():
@@ -324,7 +330,8 @@ class WorkerClient:
                 )
             if end is not None and now > end:
                 raise WorkerError(P.CANCELLED, f"no answer within {max_wait_s:g} s; the request was cancelled")
-            msg = self._recv(min(0.1, max(0.0, next_ping - now)))
+            wait = 0.1 if next_ping is None else min(0.1, max(0.0, next_ping - now))
+            msg = self._recv(wait)
             if msg is None:
                 continue
             ev, ev_arrays = msg
@@ -334,6 +341,8 @@ class WorkerClient:
             name = ev.get("event")
             if name == "error":
                 raise WorkerError(str(ev.get("code")), str(ev.get("message")), ev)
+            if next_ping is None and (name in _RUNNING_EVENTS or (name == "alive" and ev.get("state") == "running")):
+                next_ping = last_seen + self.heartbeat_s
             if name in _INTERNAL_EVENTS:
                 continue
             if on_event is not None:

@@ -8,7 +8,8 @@ Threads (sockets are never shared between threads):
   through an inproc PUSH/PULL pair, zero-copy.
 
 A bad message becomes an ``error`` event for its sender and never stops the loop. A client that
-disappears (ROUTER_MANDATORY send failure, or its pings stop) gets its jobs cancelled.
+disappears (ROUTER_MANDATORY send failure, or its pings stop while its job runs) gets its jobs
+cancelled. Clients ping only for running jobs, so a queued job is never judged by missing pings.
 """
 
 from __future__ import annotations
@@ -210,7 +211,7 @@ class Job:
     received: float
     cancel: threading.Event = field(default_factory=threading.Event)
     state: str = "queued"  # queued | running | finished (guarded by Service._lock)
-    last_client_seen: float = 0.0
+    last_client_seen: float = 0.0  # guarded by Service._lock (IO thread pings, model thread at start)
     started: float = 0.0
 
     @property
@@ -290,7 +291,10 @@ class WorkerService:
                     if job.state != "queued":
                         continue
                     job.state = "running"
-                job.started = time.monotonic()
+                    # the client's liveness window counts from the start of the run (see _beat)
+                    job.started = job.last_client_seen = time.monotonic()
+                # tell the client at once, so that its pings start now and not at the next beat
+                self._emit(push, job, P.event("alive", job.request.id, state="running", position=0))
                 try:
                     self._run_job(job, push)
                 except Exception:  # noqa: BLE001 - even the error event failed; end the job plainly
@@ -780,10 +784,11 @@ class WorkerService:
 
     def _keepalive(self, client: bytes, ids: Sequence[str]) -> None:
         now = time.monotonic()
-        for rid in ids:
-            job = self._jobs.get((client, rid))
-            if job is not None:
-                job.last_client_seen = now
+        with self._lock:  # the model thread may have stamped a later start meanwhile: keep the max
+            for rid in ids:
+                job = self._jobs.get((client, rid))
+                if job is not None:
+                    job.last_client_seen = max(job.last_client_seen, now)
 
     def _on_ask(self, envelope: list[bytes], header: dict, arrays: dict, rid: str) -> None:
         if self._shutting_down:
@@ -854,15 +859,27 @@ class WorkerService:
                 self._forget(job)
 
     def _beat(self, now: float) -> None:
-        """Per-job ``alive`` events; cancels jobs whose client stopped pinging."""
+        """Per-job ``alive`` events; cancels running jobs whose client stopped pinging.
+
+        A queued job is never judged: clients ping only once they have seen their job running (an
+        ``alive`` with state ``running`` - sent by the model thread at the start, and by every beat -
+        or a token/mask). The model thread restarts ``last_client_seen`` at the start, so the window
+        max(3 hb, 3 s) counts from there. Worst case: the client learns "running" from the next beat,
+        at most ``config.heartbeat_s`` (1 s) after the start (normally at once), and pings ``hb``
+        later: 1 s + hb < max(3 hb, 3 s) for every hb > 0. A dead client of a queued job is still
+        caught when an ``alive`` cannot be routed to it (ROUTER_MANDATORY), else within the window
+        once its job runs.
+        """
         for job in list(self._by_token.values()):
             hb = job.request.client_heartbeat_s
-            if hb is not None and now - job.last_client_seen > max(3 * hb, 3.0):
+            with self._lock:  # state and last_client_seen change together on the model thread
+                state, seen = job.state, job.last_client_seen
+            if state != "queued" and hb is not None and now - seen > max(3 * hb, 3.0):
                 log.info("client of request %s stopped pinging: cancelling it", job.request.id)
                 self._cancel_job(job, notify=False)
                 continue
-            position = self._queue.position(job) if job.state == "queued" else 0
-            self._send(job.envelope, P.encode_message(P.event("alive", job.request.id, state=job.state,
+            position = self._queue.position(job) if state == "queued" else 0
+            self._send(job.envelope, P.encode_message(P.event("alive", job.request.id, state=state,
                                                               position=position)), job)
 
     def _begin_shutdown(self, broadcast: bool) -> None:
