@@ -20,6 +20,7 @@ table is printed last; ``--out DIR`` gets the full JSON and log.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -339,6 +340,7 @@ def bench_throughput(ts: TerraScope, batch: int, shared: bool, args: argparse.Na
            "sam2_early": fast_decode.sam2_early_enabled(ts.model)}
     for k in ("prompt_ms", "prefix_prefill_ms", "suffix_prefill_ms", "seg_handler_ms", "seg_wait_ms"):
         out[k] = tm.get(k)
+    out["prompt_graph_width"] = fast_decode.PROMPT_GRAPH_WIDTH
     out["lm_head"] = [d.lm_head_mode for d in ts.model.__dict__.get("_ts_fast_decoders", {}).values()]
     if dev.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -348,23 +350,64 @@ def bench_throughput(ts: TerraScope, batch: int, shared: bool, args: argparse.Na
         f"over {out['decode_steps']:.0f} steps, [SEG] handling {out['seg_ms']:.0f} ms; prompts "
         f"{out['prompt_ms'] or 0:.0f} ms, prefix prefill {out['prefix_prefill_ms'] or 0:.0f} ms, suffix prefill "
         f"{out['suffix_prefill_ms'] or 0:.0f} ms, [SEG] handler {out['seg_handler_ms'] or 0:.0f} ms; prepare="
-        f"{args.prepare}, SAM-2 early={out['sam2_early']}, lm_head {out['lm_head']})")
+        f"{args.prepare}, SAM-2 early={out['sam2_early']}, lm_head {out['lm_head']}, prompt graph <= "
+        f"{out['prompt_graph_width']} tokens)")
     fast_decode.release_decoders(ts.model)
     return out
+
+
+def gpu_gaps(trace: dict[str, Any], min_us: float = 50.0) -> dict[str, Any]:
+    """Where the GPU idles in a chrome trace: the union of kernel/memcpy/memset spans, its gaps of at least
+    ``min_us``, each charged to the innermost ``ts:`` phase label (``record_function``) open on the host at the
+    gap's middle. Why: a batch's wall time minus its GPU busy time is host time nobody overlapped."""
+    dev = sorted((e["ts"], e["ts"] + e.get("dur", 0)) for e in trace.get("traceEvents", [])
+                 if e.get("ph") == "X" and e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"))
+    labels = [(e["ts"], e["ts"] + e.get("dur", 0), e["name"]) for e in trace.get("traceEvents", [])
+              if e.get("ph") == "X" and str(e.get("name", "")).startswith("ts:")]
+    if not dev:
+        return {"span_ms": 0.0, "busy_ms": 0.0, "gaps": {}}
+    gaps: dict[str, tuple[float, int]] = {}
+    cur_s, cur_e = dev[0]
+    spans = []
+    for s, e in dev[1:]:
+        if s > cur_e:
+            spans.append((cur_s, cur_e))
+            cur_s, cur_e = s, e
+        else:
+            cur_e = max(cur_e, e)
+    spans.append((cur_s, cur_e))
+    for (_, e0), (s1, _) in itertools.pairwise(spans):
+        gap = s1 - e0
+        if gap < min_us:
+            continue
+        mid = (e0 + s1) / 2
+        open_ = [lb for lb in labels if lb[0] <= mid <= lb[1]]
+        name = min(open_, key=lambda lb: lb[1] - lb[0])[2] if open_ else "(no phase)"
+        tot, n = gaps.get(name, (0.0, 0))
+        gaps[name] = (tot + gap / 1e3, n + 1)
+    busy = sum(e - s for s, e in spans) / 1e3
+    return {"span_ms": (spans[-1][1] - spans[0][0]) / 1e3, "busy_ms": busy,
+            "gaps": {k: {"ms": v[0], "count": v[1]} for k, v in sorted(gaps.items(), key=lambda kv: -kv[1][0])}}
 
 
 def profile_batch(ts: TerraScope, batch: int, args: argparse.Namespace, log: Log, trace: list[int],
                   settings: GenerationSettings, out: Path | None) -> None:
     """One shared-image batch from raw pixels under the profiler: GPU kernels by device time and host ops by
-    CPU time, to the log (top entries) and ``profile_batch<N>_{gpu,cpu}.txt``."""
+    CPU time, to the log (top entries) and ``profile_batch<N>_{gpu,cpu}.txt``; the GPU's idle gaps by phase
+    (``gpu_gaps``) to the log, the chrome trace to ``profile_batch<N>.json.gz``."""
+    import gzip
+    import tempfile
+
     from torch.profiler import ProfilerActivity, profile
 
     n_images = max(1, batch // 8)
     imgs = [[ImageInput(scene(args.big, args.big, 200 + i))] for i in range(n_images)]
 
     run_batch(ts, imgs, batch // n_images, args, trace, settings, "many")
+    t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         run_batch(ts, imgs, batch // n_images, args, trace, settings, "many")
+    log(f"[profile-batch {batch}] {time.perf_counter() - t0:.3f}s under the profiler")
     avg = prof.key_averages()
     for kind, key in (("gpu", "self_device_time_total"), ("cpu", "cpu_time_total")):
         table = avg.table(sort_by=key, row_limit=40)
@@ -374,6 +417,16 @@ def profile_batch(ts: TerraScope, batch: int, args: argparse.Namespace, log: Log
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
             (out / f"profile_batch{batch}_{kind}.txt").write_text(table + "\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        raw = path.read_bytes()
+    gaps = gpu_gaps(json.loads(raw))
+    log(f"[gpu-gaps {batch}] span {gaps['span_ms']:.1f} ms, GPU busy {gaps['busy_ms']:.1f} ms; idle gaps >= 50 us "
+        "by host phase: " + ", ".join(f"{k} {v['ms']:.1f} ms ({v['count']})" for k, v in gaps["gaps"].items()))
+    if out is not None:
+        (out / f"profile_batch{batch}.json.gz").write_bytes(gzip.compress(raw, 6))
+        (out / f"gpu_gaps_batch{batch}.json").write_text(json.dumps(gaps, indent=1))
     fast_decode.release_decoders(ts.model)
 
 

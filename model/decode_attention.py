@@ -39,10 +39,14 @@ else:
 BLOCK_K = 64
 #: Upper bound on the splits of one source (prefix or row), so the combine stays short.
 MAX_SPLITS = 64
-#: Splits are sized to give about this many programs per SM per source (latency hiding).
-PROGRAMS_PER_SM = 2
+#: Splits are sized to give about this many programs per SM per source. One wave is best on an H100 at every
+#: decode batch of the 8B shape (``python3 -m bench.attention_plans``, 2026-11-27: 4 images x 8 questions
+#: 14.4 us a layer against 16.9 us at 2, 1 question 6.2 against 6.6, 32 images 45.5 against 47.9).
+PROGRAMS_PER_SM = 1
 #: Most prefix queries one program holds (R*g rows share a KV head; more would spill registers).
 MAX_QUERY_BLOCK = 64
+#: Warps of the partials kernel: 4 beat 8 at every plan of that sweep (4x8: 12.5 against 14.4 us a layer).
+NUM_WARPS = 4
 
 
 def unavailable_reason() -> str | None:
@@ -192,6 +196,7 @@ class Plan:
     chunk_p: int  # keys per prefix program (a multiple of BLOCK_K)
     chunk_r: int
     block_k: int
+    num_warps: int = 4
 
     @property
     def n_splits(self) -> int:
@@ -211,7 +216,7 @@ def make_plan(G: int, kvh: int, R: int, g: int, pb: int, sb: int, n_sm: int, blo
     qblocks = math.ceil(R * g / qblock)
     sp, cp = _split(pb, G * kvh * qblocks, target, block_k)
     sr, cr = _split(sb, G * kvh * R, target, block_k)
-    return Plan(qblock, qblocks, sp, sr, cp, cr, block_k)
+    return Plan(qblock, qblocks, sp, sr, cp, cr, block_k, NUM_WARPS)
 
 
 @dataclass
@@ -291,7 +296,7 @@ def decode_attention(q: torch.Tensor, k_pre: torch.Tensor, v_pre: torch.Tensor, 
         k_row.stride(0), k_row.stride(1), k_row.stride(2), k_row.stride(3),
         v_row.stride(0), v_row.stride(1), v_row.stride(2), v_row.stride(3),
         KVH=ws.kvh, R=ws.R, GQ=ws.g, D=ws.d, BD=bd, BQP=p.qblock_p, BQR=_pow2(ws.g, 16),
-        BK=p.block_k, PRECISION=precision, num_warps=8 if p.qblock_p >= 64 else 4)
+        BK=p.block_k, PRECISION=precision, num_warps=p.num_warps)
     n_q = ws.G * ws.kvh * ws.R * ws.g
     _combine_kernel[(n_q,)](ws.acc, ws.m, ws.l, ws.out, p.n_splits, KVH=ws.kvh, R=ws.R, GQ=ws.g, D=ws.d, BD=bd,
                             BS=16 if p.n_splits <= 16 else 32, num_warps=4)

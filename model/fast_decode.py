@@ -271,6 +271,31 @@ def _raise_recompile_limit() -> None:
             setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), _RECOMPILE_LIMIT))
 
 
+@dataclass(frozen=True)
+class _Elementwise:
+    """The elementwise chains of a step: plain torch ops, or Inductor-fused kernels.
+
+    Graph bodies (fixed shapes) take ``compiled(dynamic=False)``. Eager multi-token steps (prefix and question
+    prefills, wide injections) take ``compiled(dynamic=True)``: one shape-generic kernel per chain instead of
+    a recompile per length. Eager, the SwiGLU and norm chains ran as generic strided kernels, about a third
+    of the prefix prefill's GPU time at batch 32."""
+
+    rms: Callable
+    rope: Callable
+    rope_kv: Callable
+    silu_mul: Callable
+    softmax: Callable
+
+    @staticmethod
+    def eager() -> _Elementwise:
+        return _Elementwise(_rms, _rope, _rope_kv, _silu_mul, _joint_softmax)
+
+    @staticmethod
+    def compiled(dynamic: bool) -> _Elementwise:
+        c = (lambda f: torch.compile(f, dynamic=True)) if dynamic else torch.compile
+        return _Elementwise(c(_rms), c(_rope), c(_rope_kv), c(_silu_mul), c(_joint_softmax))
+
+
 # ---- the engine ----------------------------------------------------------------------------------------------
 class _Pending:
     """Tokens of one launched step: read through a pinned buffer after its event (CUDA) or directly (CPU)."""
@@ -345,13 +370,10 @@ class FastDecoder:
         self.use_graphs = bool(use_graphs)
         self.kernels = kernels
         self.kernels_reason = ""  # why "compiled" was given up, if it was
-        self._rms, self._rope_kv, self._silu_mul, self._softmax = _rms, _rope_kv, _silu_mul, _joint_softmax
+        self._fused = self._multi = _Elementwise.eager()  # graph bodies / eager multi-token steps
         if kernels == "compiled":  # fuse the elementwise chains (norm, rope + cache write, SwiGLU, softmax)
             _raise_recompile_limit()
-            self._rms = torch.compile(_rms)
-            self._rope_kv = torch.compile(_rope_kv)
-            self._silu_mul = torch.compile(_silu_mul)
-            self._softmax = torch.compile(_joint_softmax)
+            self._fused, self._multi = _Elementwise.compiled(dynamic=False), _Elementwise.compiled(dynamic=True)
         elif kernels != "eager":
             raise ValueError(f"kernels must be 'eager' or 'compiled', got {kernels!r}")
         self._alloc()
@@ -472,33 +494,33 @@ class FastDecoder:
         return best
 
     def _prefill_mask(self, lim: torch.Tensor, pb: int, sb: int) -> torch.Tensor:
-        """[G, 1, R*L, pb + R*sb] bool: a query (row r, token t) sees its group's valid prefix slots and the
-        slots of its own row up to its position ``lim[b, t]``."""
-        G, R, L = self.G, self.R, lim.shape[1]
+        """[G, 1, R*g*L, pb + R*sb] bool: a query (row r, head j of a KV head, token t) sees its group's valid
+        prefix slots and the slots of its own row up to its position ``lim[b, t]``."""
+        G, R, L, g = self.G, self.R, lim.shape[1], self.g
         dev = self.device
         pre = torch.arange(pb, device=dev)[None, :] < self.prefix_len[:, None]  # [G, pb]
-        pre = pre[:, None, :].expand(G, R * L, pb)
+        pre = pre[:, None, None, None, :].expand(G, R, g, L, pb)
         same = torch.eye(R, dtype=torch.bool, device=dev)[None, :, None, :, None]  # q row r, key row r'
         upto = self.slots[:sb][None, None, None, None, :] <= lim.view(G, R, L, 1, 1)
-        row = (same & upto).reshape(G, R * L, R * sb)
-        return torch.cat((pre, row), -1)[:, None]
+        row = (same & upto).view(G, R, 1, L, R * sb).expand(G, R, g, L, R * sb)
+        return torch.cat((pre, row), -1).reshape(G, 1, R * g * L, pb + R * sb)
 
     def _prefill_attend(self, q: torch.Tensor, li: int, pb: int, sb: int, mask: torch.Tensor) -> torch.Tensor:
         """Attention of L tokens a row through ``scaled_dot_product_attention``, one call per layer for the
-        batch: each group's R rows are one query block over [its prefix ; every row of the group] with
-        ``mask`` keeping each row to its own slots. Returns ``o`` laid out as the bmm path's [G, kvh, R, g, L, d].
+        batch: per KV head, the queries of its g heads in every row of a group are one query block over [the
+        group's prefix ; every row of the group], ``mask`` keeping each row to its own slots. Returns ``o`` in
+        the bmm path's layout [G, kvh, R, g, L, d] (the query block's own order: no copy either way).
 
         Why: the bmm path materialises [G*kvh, R*g*L, pb] scores, concatenates and slices them; at batch 32
-        with 45-token prompts that was most of a 125 ms prefill."""
+        with 45-token prompts that was most of a 125 ms prefill. Folding the g query heads into the block
+        instead of repeating K/V g times saved the copies too."""
         G, R, kvh, g, d = self.G, self.R, self.kvh, self.g, self.d
         L = q.shape[4]
-        qq = q.permute(0, 1, 3, 2, 4, 5).reshape(G, kvh * g, R * L, d)  # head h = kv * g + j, as Qwen2 maps
+        qq = q.reshape(G, kvh, R * g * L, d)
         kk = torch.cat((self.k_pre[li, :, :, :pb], self.k_row[li, :, :, :, :sb].reshape(G, kvh, R * sb, d)), 2)
         vv = torch.cat((self.v_pre[li, :, :, :pb], self.v_row[li, :, :, :, :sb].reshape(G, kvh, R * sb, d)), 2)
-        kk = kk.repeat_interleave(g, 1)
-        vv = vv.repeat_interleave(g, 1)
-        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale)  # [G, nh, R*L, d]
-        return o.view(G, kvh, g, R, L, d).permute(0, 1, 3, 2, 4, 5).contiguous()
+        o = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, scale=self.scale)  # [G, kvh, R*g*L, d]
+        return o.view(G, kvh, R, g, L, d)
 
     def memory_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k_pre, self.v_pre, self.k_row, self.v_row))
@@ -525,8 +547,8 @@ class FastDecoder:
         are padding whose cache writes land beyond the row's new position, where the causal mask hides them
         until real tokens overwrite them. ``fused`` uses the compiled elementwise helpers (graph bodies).
         """
-        rms, rope_kv, silu_mul, softmax = ((self._rms, self._rope_kv, self._silu_mul, self._softmax) if fused
-                                           else (_rms, _rope_kv, _silu_mul, _joint_softmax))
+        ops = self._fused if fused else self._multi
+        rms, rope_kv, silu_mul, softmax = ops.rms, ops.rope_kv, ops.silu_mul, ops.softmax
         G, R, B, kvh, g, d = self.G, self.R, self.B, self.kvh, self.g, self.d
         L = x.shape[1]
         nh = self.nh
@@ -609,7 +631,20 @@ class FastDecoder:
     def _eager_kernels(self, reason: str) -> None:
         log.warning("fast decode: compiled kernels failed (%s); using eager kernels", reason.splitlines()[0])
         self.kernels, self.kernels_reason = "eager", reason
-        self._rms, self._rope_kv, self._silu_mul, self._softmax = _rms, _rope_kv, _silu_mul, _joint_softmax
+        self._fused = self._multi = _Elementwise.eager()
+
+    def _multi_or_eager(self, step: Callable[..., None], *args: object) -> None:
+        """An eager multi-token step with the shape-generic compiled kernels; if they fail to compile, go eager
+        and run it again (a compile fails before its kernel writes anything; earlier layers only write the
+        same K/V again)."""
+        if self._multi.rms is _rms:
+            step(*args)
+            return
+        try:
+            step(*args)
+        except Exception as exc:  # noqa: BLE001 - a missing compiler or an Inductor bug costs speed, not answers
+            self._eager_kernels(f"{type(exc).__name__}: {exc}")
+            step(*args)
 
     def _body(self, kind: str, pb: int, sb: int, width: int = 1) -> None:
         if kind == "decode":
@@ -725,14 +760,14 @@ class FastDecoder:
         pack: list[tuple[int, torch.Tensor]] = []
         for item in items:
             if pack and sum(e.shape[0] for _, e in pack) + item[1].shape[0] > max_tokens:
-                self._prefill_pack(pack)
+                self._multi_or_eager(self._prefill_pack, pack)
                 pack = []
             pack.append(item)
         if pack:
-            self._prefill_pack(pack)
+            self._multi_or_eager(self._prefill_pack, pack)
 
     def _prefill_pack(self, pack: list[tuple[int, torch.Tensor]]) -> None:
-        kvh, d, nh = self.kvh, self.d, self.nh
+        kvh, d, nh, ops = self.kvh, self.d, self.nh, self._multi
         lens = [int(e.shape[0]) for _, e in pack]
         starts = [sum(lens[:i]) for i in range(len(lens))]
         T = sum(lens)
@@ -743,21 +778,26 @@ class FastDecoder:
         cos = (emb.cos() * self.rope_scale).to(self.dtype)[:, None, :]
         sin = (emb.sin() * self.rope_scale).to(self.dtype)
         sin_s = torch.cat((-sin[:, : d // 2], sin[:, d // 2:]), -1)[:, None, :]
+        last = len(self.layers) - 1
         for li, w in enumerate(self.layers):
-            n1 = _rms(h, w.ln1, self.eps)
+            n1 = ops.rms(h, w.ln1, self.eps)
             qkv = torch.addmm(w.bqkv, n1, w.wqkv.t()).view(T, nh + 2 * kvh, d)
-            qk = _rope(qkv[:, : nh + kvh], cos, sin_s)
+            qk = ops.rope(qkv[:, : nh + kvh], cos, sin_s)
             outs = []
             for (group, _), a, n in zip(pack, starts, lens):
                 q, k, v = qk[a:a + n, :nh], qk[a:a + n, nh:], qkv[a:a + n, nh + kvh:]
                 self.k_pre[li, group, :, :n].copy_(k.transpose(0, 1))
                 self.v_pre[li, group, :, :n].copy_(v.transpose(0, 1))
+                if li == last:
+                    continue  # nothing reads a prefix's last hidden states: its last layer is K/V only
                 kk = k.transpose(0, 1).repeat_interleave(self.g, 0)[None]
                 vv = v.transpose(0, 1).repeat_interleave(self.g, 0)[None]
                 o = F.scaled_dot_product_attention(q.transpose(0, 1)[None], kk, vv, is_causal=True)
                 outs.append(o[0].transpose(0, 1).reshape(n, nh * d))
+            if li == last:
+                break
             h = torch.addmm(h, outs[0] if len(outs) == 1 else torch.cat(outs), w.wo.t())
-            h = torch.addmm(h, _silu_mul(_rms(h, w.ln2, self.eps) @ w.wgu.t()), w.wd.t())
+            h = torch.addmm(h, ops.silu_mul(ops.rms(h, w.ln2, self.eps) @ w.wgu.t()), w.wd.t())
         for (group, _), n in zip(pack, lens):
             self.prefix_len[group] = n
             mask = torch.full((self.P,), NEG_INF, device=self.device, dtype=self.dtype)
@@ -779,32 +819,8 @@ class FastDecoder:
         width = max(r.embeds.shape[0] for r in rows)
         if any(r.embeds.shape[0] < 1 for r in rows) or width > self.cap:
             raise ValueError(f"question prompts must have 1..{self.cap} tokens, got up to {width}")
-        self._reset_state()
-        self.seg_id.fill_(settings.seg_id)
-        self._load_forced(rows, slot_of)
-
-        # suffix prefill: every question's own prompt in one ragged step; a graph replay when graphed and
-        # the prompts fit PROMPT_GRAPH_WIDTH (eagerly, at batch 32 it was bound by ~1,100 kernel launches)
-        used = [1] * B  # host mirror of each live row's cache position
-        for s, r in zip(slot_of, rows):
-            used[s] = r.embeds.shape[0]
-        wb = self._wb(width, self.rag_cap)
-        if self.use_graphs and width <= self.rag_cap and wb < self.S:
-            self.rag_embeds[:, :wb].zero_()
-            for s, r in zip(slot_of, rows):
-                self.rag_embeds[s, : r.embeds.shape[0]] = r.embeds.to(self.device, self.dtype)
-            self.rag_nvalid.copy_(torch.tensor(used))
-            self.rag_emit.fill_(True)
-            self._launch("ragged", width, wb)
-        else:
-            emb = torch.zeros(B, width, self.H, device=self.device, dtype=self.dtype)
-            for s, r in zip(slot_of, rows):
-                emb[s, : r.embeds.shape[0]] = r.embeds.to(self.device, self.dtype)
-            self._forward(emb, torch.tensor(used, device=self.device),
-                          torch.ones(B, dtype=torch.bool, device=self.device), self._cur_pb, self._sb(width))
-        prev = self._post()
-        if self.device.type == "cuda":
-            prev.tokens()
+        with torch.profiler.record_function("ts:suffix_prefill"):  # phase labels for bench.gpu's gap profile
+            used, prev = self._prefill_suffixes(rows, slot_of, settings, width)
         stats.suffix_prefill_ms = (time.perf_counter() - t_start) * 1e3
 
         row_of = {s: i for i, s in enumerate(slot_of)}
@@ -851,7 +867,8 @@ class FastDecoder:
                 reqs = [SegRequest(row_of[s], s // self.R, n_seg[s], self.hidden_out[s].clone(), list(ids[s]))
                         for s in segs]
                 t_h = time.perf_counter()
-                injections = on_seg(reqs) if reqs else []
+                with torch.profiler.record_function("ts:seg_handler"):
+                    injections = on_seg(reqs) if reqs else []
                 stats.handler_ms += (time.perf_counter() - t_h) * 1e3
                 if len(injections) != len(reqs):
                     raise RuntimeError("SegHandler returned a different number of injections than requests")
@@ -893,7 +910,8 @@ class FastDecoder:
                 if wide <= self.Linj:
                     self._launch("ragged", need, self._wb(wide))
                 else:  # wider than the injection graph: an eager step at this width
-                    self._forward(buf[:, :wide], self.rag_nvalid, self.rag_emit, self._cur_pb, self._sb(need))
+                    self._multi_or_eager(self._forward, buf[:, :wide], self.rag_nvalid, self.rag_emit,
+                                         self._cur_pb, self._sb(need))
                 stats.inject_steps += 1
                 for s in range(B):
                     used[s] += nv[s]
@@ -920,6 +938,38 @@ class FastDecoder:
                 break
         stats.total_ms = (time.perf_counter() - t_start) * 1e3
         return [RowOutput(ids[s], stopped[s], n_seg[s]) for s in slot_of]
+
+    def _prefill_suffixes(self, rows: Sequence[RowInput], slot_of: list[int], settings: DecodeSettings,
+                          width: int) -> tuple[list[int], _Pending]:
+        """Every question's own prompt in one ragged step (a graph replay when graphed and the prompts fit
+        ``rag_cap``; eagerly, at batch 32 it was bound by ~1,100 kernel launches). Returns the host mirror of
+        each slot's cache position and the step's pending tokens."""
+        B = self.B
+        self._reset_state()
+        self.seg_id.fill_(settings.seg_id)
+        self._load_forced(rows, slot_of)
+        used = [1] * B
+        for s, r in zip(slot_of, rows):
+            used[s] = r.embeds.shape[0]
+        wb = self._wb(width, self.rag_cap)
+        if self.use_graphs and width <= self.rag_cap and wb < self.S:
+            self.rag_embeds[:, :wb].zero_()
+            for s, r in zip(slot_of, rows):
+                self.rag_embeds[s, : r.embeds.shape[0]] = r.embeds.to(self.device, self.dtype)
+            self.rag_nvalid.copy_(torch.tensor(used))
+            self.rag_emit.fill_(True)
+            self._launch("ragged", width, wb)
+        else:
+            emb = torch.zeros(B, width, self.H, device=self.device, dtype=self.dtype)
+            for s, r in zip(slot_of, rows):
+                emb[s, : r.embeds.shape[0]] = r.embeds.to(self.device, self.dtype)
+            n_valid = torch.tensor(used, device=self.device)
+            emit = torch.ones(B, dtype=torch.bool, device=self.device)
+            self._multi_or_eager(self._forward, emb, n_valid, emit, self._cur_pb, self._sb(width))
+        prev = self._post()
+        if self.device.type == "cuda":
+            prev.tokens()
+        return used, prev
 
     def _arrange(self, rows: Sequence[RowInput]) -> list[int]:
         """Batch slot of each row: group-major, ``R`` slots per group; unused slots idle."""
@@ -1219,6 +1269,41 @@ def _seg_handler(gen: Generator, states: list[AnswerState], early: _SamEarly | N
     return handle
 
 
+def _batch_rows(gen: Generator, questions: Sequence[Question]
+                ) -> tuple[list[tuple[tuple, torch.Tensor]], list[RowInput]]:
+    """Each distinct image prompt once (its key and embeddings: the groups' prefixes) and each question's row:
+    its group and the embeddings of its own text after the image prompt.
+
+    The question texts of rows whose image prompt is already there are embedded in one lookup: one at a time,
+    32 host-to-device copies of a few ids kept the GPU idle for ~30 ms of a batch."""
+    model = gen.model
+    img_end = gen.tok.special_ids()["img_end"]
+    groups: dict[tuple, int] = {}
+    prefixes: list[tuple[tuple, torch.Tensor]] = []
+    plan: list[tuple[int, torch.Tensor | list[int], list[int] | None]] = []  # (group, embeds or ids, forced)
+    for q in questions:
+        ids = gen.prompt_ids(q.ctx, q.question, q.options)
+        last_end = len(ids) - 1 - ids[::-1].index(img_end) if img_end in ids else -1
+        split = min(last_end + 1 if last_end >= 0 else len(ids) - 1, len(ids) - 1)
+        token = q.ctx.__dict__.setdefault("_ts_prefix_token", object())
+        key = (id(token), tuple(ids[:split]))
+        if key not in groups:
+            embeds = gen.prompt_embeds(q.ctx, ids)
+            groups[key] = len(prefixes)
+            prefixes.append(((token, tuple(ids[:split])), embeds[:split]))
+            plan.append((groups[key], embeds[split:], q.forced_ids))
+        else:  # the image prompt is already there: only this question's own text is embedded (below)
+            plan.append((groups[key], ids[split:], q.forced_ids))
+    texts = [part for _, part, _ in plan if isinstance(part, list)]
+    pieces = iter(())
+    if texts:
+        flat = model.embed_ids(torch.tensor([t for ids in texts for t in ids], dtype=torch.long))
+        pieces = iter(torch.split(flat, [len(ids) for ids in texts]))
+    rows = [RowInput(group, next(pieces) if isinstance(part, list) else part, forced)
+            for group, part, forced in plan]
+    return prefixes, rows
+
+
 @torch.no_grad()
 def answer_many(gen: Generator, questions: Sequence[Question], settings: GenerationSettings | None = None,
                 should_stop: StopFn | None = None, kernels: str | None = None,
@@ -1235,24 +1320,8 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
         return []
     model = gen.model
     t_start = time.perf_counter()
-    img_end = gen.tok.special_ids()["img_end"]
-    groups: dict[tuple, int] = {}
-    prefixes: list[tuple[tuple, torch.Tensor]] = []
-    rows: list[RowInput] = []
-    for q in questions:
-        ids = gen.prompt_ids(q.ctx, q.question, q.options)
-        ends = [i for i, t in enumerate(ids) if t == img_end]
-        split = min(ends[-1] + 1 if ends else len(ids) - 1, len(ids) - 1)
-        token = q.ctx.__dict__.setdefault("_ts_prefix_token", object())
-        key = (id(token), tuple(ids[:split]))
-        if key not in groups:
-            embeds = gen.prompt_embeds(q.ctx, ids)
-            groups[key] = len(prefixes)
-            prefixes.append(((token, tuple(ids[:split])), embeds[:split]))
-            suffix = embeds[split:]
-        else:  # the image prompt is already there: only this question's own text is embedded
-            suffix = model.embed_ids(torch.tensor(ids[split:], dtype=torch.long))
-        rows.append(RowInput(groups[key], suffix, q.forced_ids))
+    with torch.profiler.record_function("ts:prompts"):  # phase labels for bench.gpu's gap profile
+        prefixes, rows = _batch_rows(gen, questions)
     per_group = [0] * len(prefixes)
     for r in rows:
         per_group[r.group] += 1
@@ -1270,7 +1339,8 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
         dec.reserve_forced(_round_up(longest, 256))
     t_prefix = time.perf_counter()
     todo = [(g, emb) for g, (key, emb) in enumerate(prefixes) if dec.prefix_keys.get(g) != key]
-    dec.set_prefixes(todo)  # the same image prompt stays cached between calls
+    with torch.profiler.record_function("ts:prefix_prefill"):
+        dec.set_prefixes(todo)  # the same image prompt stays cached between calls
     for g, (key, _) in enumerate(prefixes):
         dec.prefix_keys[g] = key
     early = None
@@ -1292,8 +1362,9 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
 
     stats = DecodeStats()
     try:
-        outs = dec.generate(rows, dsettings, _seg_handler(gen, states, early), on_token=on_tok,
-                            should_stop=should_stop, stats=stats)
+        with torch.profiler.record_function("ts:generate"):
+            outs = dec.generate(rows, dsettings, _seg_handler(gen, states, early), on_token=on_tok,
+                                should_stop=should_stop, stats=stats)
     finally:
         if early is not None:
             early.close()
@@ -1302,7 +1373,7 @@ def answer_many(gen: Generator, questions: Sequence[Question], settings: Generat
         stopped = out.stopped
         if stopped == "eos" and out.token_ids and out.token_ids[-1] != gen.ids.eos:
             stopped = "answer"
-        timings = dict(q.ctx.timings_ms)
+        timings = q.ctx.timings()
         decode_ms = stats.total_ms - stats.suffix_prefill_ms - stats.handler_ms
         timings.update(split_ms)
         timings.update({"prefill_ms": prefill_ms + stats.suffix_prefill_ms, "decode_ms": decode_ms,

@@ -13,9 +13,10 @@ injected embeddings reach their KV cache.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -59,6 +60,20 @@ class VisualContext:
     vit_flat: torch.Tensor  # [N, H] projected visual tokens in prompt order
     sam_cache: dict[int, Sam2Features] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    #: GPU phases timed by CUDA events, resolved into ``timings_ms`` by ``timings()`` once they are done: a
+    #: host sync only to time the ViT would idle the GPU while the host builds the prompts
+    pending_ms: dict[str, tuple[torch.cuda.Event, torch.cuda.Event]] = field(default_factory=dict)
+    #: image index -> its SAM-2 input resize, started on the host pool when the context is made (CUDA): at the
+    #: first [SEG] of a batch of 32 the four 1024-px resizes kept the GPU idle for 37 ms
+    sam_frames: dict[int, Future] = field(default_factory=dict)
+
+    def timings(self) -> dict[str, float]:
+        """``timings_ms`` with every pending GPU phase resolved (waits for those phases' end events)."""
+        for key, (start, end) in list(self.pending_ms.items()):
+            end.synchronize()
+            self.timings_ms[key] = start.elapsed_time(end)
+            del self.pending_ms[key]
+        return dict(self.timings_ms)
 
 
 def _roles(images: list[ImageInput]) -> tuple[str, list[str]]:
@@ -106,13 +121,42 @@ def _host_images(cfg: TerraScopeConfig, images: list[ImageInput]) -> _HostImages
     return _HostImages(kind, roles, pixels, tiles, layouts)
 
 
-def _context(model: TerraScopeModel, host: _HostImages, vit: torch.Tensor, timings: dict[str, float]
-             ) -> VisualContext:
+def _context(model: TerraScopeModel, host: _HostImages, vit: torch.Tensor, timings: dict[str, float],
+             vision: _VisionClock) -> VisualContext:
     """The ``VisualContext`` of one request from its projected ViT tokens [tiles, 256, H]."""
     counts = [lay.n_tiles * model.config.tokens_per_tile for lay in host.layouts]
     offsets = np.cumsum([0] + counts[:-1]).astype(int)
-    return VisualContext(host.kind, host.pixels, host.roles, host.layouts, counts, [int(o) for o in offsets],
-                         vit.reshape(-1, vit.shape[-1]), timings_ms=timings)
+    ctx = VisualContext(host.kind, host.pixels, host.roles, host.layouts, counts, [int(o) for o in offsets],
+                        vit.reshape(-1, vit.shape[-1]), timings_ms=dict(timings))
+    vision.stamp(ctx)
+    if model.device.type == "cuda":  # on a CPU the model's own threads have no idle time to fill
+        size = model.config.sam2.image_size
+        ctx.sam_frames = {i: _host_pool().submit(sam2_resize, p, size) for i, p in enumerate(host.pixels)}
+    return ctx
+
+
+class _VisionClock:
+    """Times the ViT forward: CUDA events (resolved later by ``VisualContext.timings``) on CUDA, the wall clock
+    elsewhere (where the forward has finished when it returns)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.t0 = time.perf_counter()
+        self.ms = 0.0
+        if self.cuda:
+            self.start, self.end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            self.start.record()
+
+    def stop(self) -> None:
+        if self.cuda:
+            self.end.record()
+        self.ms = (time.perf_counter() - self.t0) * 1e3
+
+    def stamp(self, ctx: VisualContext) -> None:
+        if self.cuda:
+            ctx.pending_ms["vision_ms"] = (self.start, self.end)
+        else:
+            ctx.timings_ms["vision_ms"] = self.ms
 
 
 @torch.no_grad()
@@ -121,11 +165,10 @@ def prepare_images(model: TerraScopeModel, images: list[ImageInput]) -> VisualCo
     t0 = time.perf_counter()
     host = _host_images(model.config, images)
     t1 = time.perf_counter()
+    clock = _VisionClock(model.device)
     vit = model.extract_feature(normalized_on(model, np.concatenate(host.tiles), IMAGENET_MEAN, IMAGENET_STD))
-    if vit.device.type == "cuda":
-        torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    return _context(model, host, vit, {"preprocess_ms": (t1 - t0) * 1e3, "vision_ms": (t2 - t1) * 1e3})
+    clock.stop()
+    return _context(model, host, vit, {"preprocess_ms": (t1 - t0) * 1e3}, clock)
 
 
 @torch.no_grad()
@@ -152,19 +195,19 @@ def prepare_images_many(model: TerraScopeModel, images_list: Sequence[list[Image
         return host, np.concatenate(host.tiles)
 
     todo = range(len(images_list))
-    staged = list(_select_pool().map(host_stage, todo)) if len(images_list) > 1 else [host_stage(0)]
+    with torch.profiler.record_function("ts:host_tiling"):  # phase labels for bench.gpu's gap profile
+        staged = list(_host_pool().map(host_stage, todo)) if len(images_list) > 1 else [host_stage(0)]
     t1 = time.perf_counter()
-    pv = normalized_on(model, np.concatenate([s[1] for s in staged]), IMAGENET_MEAN, IMAGENET_STD)
-    step = max_tiles or pv.shape[0]
-    vit = torch.cat([model.extract_feature(pv[i:i + step]) for i in range(0, pv.shape[0], step)])
-    if vit.device.type == "cuda":
-        torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    timings = {"preprocess_ms": (t1 - t0) * 1e3, "vision_ms": (t2 - t1) * 1e3,
-               "prepare_batch": float(len(images_list))}
+    clock = _VisionClock(model.device)
+    with torch.profiler.record_function("ts:vit"):
+        pv = normalized_on(model, np.concatenate([s[1] for s in staged]), IMAGENET_MEAN, IMAGENET_STD)
+        step = max_tiles or pv.shape[0]
+        vit = torch.cat([model.extract_feature(pv[i:i + step]) for i in range(0, pv.shape[0], step)])
+    clock.stop()
+    timings = {"preprocess_ms": (t1 - t0) * 1e3, "prepare_batch": float(len(images_list))}
     out, start = [], 0
     for host, tiles in staged:
-        out.append(_context(model, host, vit[start:start + tiles.shape[0]], dict(timings)))
+        out.append(_context(model, host, vit[start:start + tiles.shape[0]], timings, clock))
         start += tiles.shape[0]
     return out
 
@@ -258,7 +301,9 @@ class SegEvent:
 #: path collects the parts and its decoder injects them in one step.
 InjectFn = Callable[[int, str, torch.Tensor, list[int]], None]
 
-_SELECT_POOL: ThreadPoolExecutor | None = None
+_HOST_POOL: ThreadPoolExecutor | None = None
+#: Masks of at least this many pixels are selected in the thread pool (``handle_segs``).
+PARALLEL_SELECT_PIXELS = 4_000_000
 #: Images per batched SAM-2 image-encoder forward (``Generator.sam_features_many``): bounds its activations.
 SAM2_MAX_FRAMES = 8
 
@@ -297,17 +342,45 @@ def normalized_on(model: TerraScopeModel, pixels: np.ndarray, mean: np.ndarray, 
     tiling (about 27 ms for a 4-tile + thumbnail image on 2 cores).
     """
     dev = model.device
-    x = torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"]))  # PIL arrays are read-only
     if dev.type == "cuda":
-        x = x.pin_memory().to(dev, non_blocking=True)
-    return normalize_pixels(x, mean, std)
+        return normalize_pixels(_STAGE.upload(pixels, dev), mean, std)
+    return normalize_pixels(torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"])), mean, std)
 
 
-def _select_pool() -> ThreadPoolExecutor:
-    global _SELECT_POOL
-    if _SELECT_POOL is None:
-        _SELECT_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="select")
-    return _SELECT_POOL
+class _PinnedStage:
+    """One reusable pinned host buffer for uploading uint8 pixels: ``pin_memory()`` on a fresh 12 MB array
+    spent ~8 ms in ``cudaHostAlloc`` per batch with the GPU idle. The next upload waits for the last copy
+    out of the buffer (an event; long done in practice) before overwriting it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.buf: torch.Tensor | None = None
+        self.done: torch.cuda.Event | None = None
+
+    def upload(self, pixels: np.ndarray, device: torch.device) -> torch.Tensor:
+        with self.lock:
+            if self.done is not None:
+                self.done.synchronize()
+            n = int(pixels.size)
+            if self.buf is None or self.buf.numel() < n:
+                self.buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
+            host = self.buf[:n].view(pixels.shape)
+            np.copyto(host.numpy(), pixels, casting="unsafe")
+            out = host.to(device, non_blocking=True)
+            self.done = torch.cuda.Event()
+            self.done.record()
+            return out
+
+
+_STAGE = _PinnedStage()
+
+
+def _host_pool() -> ThreadPoolExecutor:
+    """Threads for host image work (tiling, SAM-2 resizes, big-mask selection): PIL and numpy release the GIL."""
+    global _HOST_POOL
+    if _HOST_POOL is None:
+        _HOST_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ts-host")
+    return _HOST_POOL
 
 
 class Generator:
@@ -349,9 +422,16 @@ class Generator:
         beta_sar = text_relevance(ctx.vit_flat[n:2 * n], q).cpu().numpy()
         return beta_opt, beta_sar
 
+    def _sam_frame(self, ctx: VisualContext, index: int) -> np.ndarray:
+        """The image's SAM-2 input resize: the one started with the context, else made now."""
+        started = ctx.sam_frames.pop(index, None)
+        if started is not None:
+            return started.result()
+        return sam2_resize(ctx.pixels[index], self.model.config.sam2.image_size)
+
     def sam_features(self, ctx: VisualContext, index: int) -> Sam2Features:
         if index not in ctx.sam_cache:
-            g = sam2_resize(ctx.pixels[index], self.model.config.sam2.image_size)[None]
+            g = self._sam_frame(ctx, index)[None]
             ctx.sam_cache[index] = self.model.sam2_encode(normalized_on(self.model, g, SAM2_MEAN, SAM2_STD))
         return ctx.sam_cache[index]
 
@@ -373,14 +453,12 @@ class Generator:
             if index not in ctx.sam_cache:
                 todo.setdefault((id(ctx), index), (ctx, index))
         if todo:
-            size = self.model.config.sam2.image_size
             work = list(todo.values())
 
             def host(k: int) -> np.ndarray:
-                ctx, index = work[k]
-                return sam2_resize(ctx.pixels[index], size)
+                return self._sam_frame(*work[k])
 
-            frames = list(_select_pool().map(host, range(len(work)))) if len(work) > 1 else [host(0)]
+            frames = list(_host_pool().map(host, range(len(work)))) if len(work) > 1 else [host(0)]
             for lo in range(0, len(work), max_frames):
                 chunk = work[lo:lo + max_frames]
                 g = normalized_on(self.model, np.stack(frames[lo:lo + max_frames]), SAM2_MEAN, SAM2_STD)
@@ -529,8 +607,11 @@ class Generator:
             st, _, image = plan[i]
             return self._select(st.ctx, image, masks_sel[i], st.settings, st.lam, st.rng)
 
-        parallel = n > 1 and all(p[0].settings.injection != "random" for p in plan)  # random: one rng order
-        chosen = list(_select_pool().map(select, range(n))) if parallel else [select(i) for i in range(n)]
+        # threads only pay off for big masks: at 896 px a selection is ~0.15 ms of mostly GIL-held numpy, and
+        # 32 of them took twice as long in the pool as in a loop; random injection keeps one rng order
+        parallel = (n > 1 and masks_sel[0].size >= PARALLEL_SELECT_PIXELS
+                    and all(p[0].settings.injection != "random" for p in plan))
+        chosen = list(_host_pool().map(select, range(n))) if parallel else [select(i) for i in range(n)]
         built: list[tuple[MaskStep, list[int]]] = []
         for i, (st, text_so_far, image) in enumerate(plan):
             ctx, local = st.ctx, chosen[i]
@@ -590,7 +671,7 @@ class Generator:
                                         should_stop, forced_ids)
         model, ids = self.model, self.ids
         sampler = torch.Generator(device="cpu").manual_seed(settings.seed)
-        timings = dict(ctx.timings_ms)
+        timings = ctx.timings()
         t_start = time.perf_counter()
         sam_ms = 0.0
 

@@ -19,6 +19,7 @@ against: same picks, same order, same tie rules, same fallbacks.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -36,8 +37,27 @@ _TIE_SLACK = 1e-9
 
 # ---- helpers -----------------------------------------------------------------------------------------------
 def _nearest(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """PIL's NEAREST resize of a mask (what the release does), as a gather through ``_nearest_index``."""
     if mask.dtype == np.bool_ and mask.shape == (height, width):
-        return mask.copy()  # PIL's resize to the same size is a copy: skip the uint8 round trip
+        return mask.copy()  # PIL's resize to the same size is a copy
+    h, w = mask.shape
+    return np.asarray(mask, dtype=bool)[np.ix_(_nearest_index(h, height), _nearest_index(w, width))]
+
+
+@functools.lru_cache(maxsize=256)
+def _nearest_index(n_src: int, n_dst: int) -> np.ndarray:
+    """Source index of each of ``n_dst`` outputs in PIL's NEAREST resize of an axis of ``n_src`` pixels.
+
+    Why: converting a 896 x 896 mask to a PIL image and resizing it took ~0.4 ms a [SEG], 26 ms of idle GPU
+    for a batch of 32. PIL computes NEAREST source coordinates per axis (an affine map without shear), so
+    the map is read off PIL itself, resizing an image of pixel indices, and reused as a gather.
+    """
+    src = Image.fromarray(np.arange(n_src, dtype=np.int32)[None, :], mode="I")
+    return np.asarray(src.resize((n_dst, 1), Image.NEAREST), dtype=np.int64)[0]
+
+
+def _nearest_pil(mask: np.ndarray, width: int, height: int) -> np.ndarray:
+    """``_nearest`` through a PIL image, as the release does it (the specification the tests compare with)."""
     img = Image.fromarray((mask.astype(np.uint8) * 255), mode="L")
     return np.asarray(img.resize((width, height), Image.NEAREST)) > 127
 

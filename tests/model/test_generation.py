@@ -348,3 +348,28 @@ def test_prepare_many_errors_name_the_request():
     ctx = ts.prepare(bad[0])
     with pytest.raises(ValueError, match="image index 1 out of range"):
         ts.generator.sam_features_many([(ctx, 1)])
+
+
+def test_sam2_reads_the_resize_started_with_the_context_once():
+    """On CUDA each context starts its SAM-2 resizes on the host pool (``VisualContext.sam_frames``); the
+    encode must use that very frame and drop it. Here the started frames are planted by hand on a CPU model."""
+    from concurrent.futures import Future
+
+    from model.generation import sam2_resize
+
+    ts = tiny_scope()
+    req = _requests()[1]
+    planted, plain = ts.prepare(req), ts.prepare(req)
+    assert planted.sam_frames == {}  # CPU: nothing is started
+    size = ts.model.config.sam2.image_size
+    frames = {i: Future() for i in range(len(req))}
+    for i, fut in frames.items():
+        fut.set_result(sam2_resize(np.ascontiguousarray(req[i].pixels[::-1]), size))  # flipped: traceable
+    planted.sam_frames = dict(frames)
+    flipped = ts.prepare([ImageInput(np.ascontiguousarray(im.pixels[::-1]), im.role) for im in req])
+    got = ts.generator.sam_features_many([(planted, i) for i in range(len(req))])
+    assert planted.sam_frames == {}
+    for i, feats in enumerate(got):
+        want = ts.generator.sam_features(flipped, i)
+        assert torch.equal(feats.image_embeddings[-1], want.image_embeddings[-1])
+        assert not torch.equal(feats.image_embeddings[-1], ts.generator.sam_features(plain, i).image_embeddings[-1])

@@ -313,3 +313,14 @@ def test_nearest_same_size_shortcut_equals_pil(seed, h, w):
         got = S._nearest(mask, *size)
         assert np.array_equal(got, want) and got.dtype == want.dtype
     assert S._nearest(mask, w, h) is not mask
+
+
+@settings(max_examples=200, deadline=None)
+@given(src_h=st.integers(1, 1400), src_w=st.integers(1, 1400), dst_h=st.integers(1, 1800),
+       dst_w=st.integers(1, 1800), seed=st.integers(0, 2**16))
+@example(896, 896, 32, 32, 0).via("a 2x2-tile 896-px mask to its token grid")
+@example(700, 1000, 448, 896, 1).via("a mask to its tiling size")
+def test_nearest_gather_equals_pil_nearest_resize(src_h, src_w, dst_h, dst_w, seed):
+    """The release resizes masks with PIL NEAREST; ``_nearest`` gathers through index maps read off PIL."""
+    mask = np.random.default_rng(seed).random((src_h, src_w)) < 0.5
+    np.testing.assert_array_equal(S._nearest(mask, dst_w, dst_h), S._nearest_pil(mask, dst_w, dst_h))
