@@ -1281,8 +1281,8 @@ def _batch_rows(gen: Generator, questions: Sequence[Question]
     groups: dict[tuple, int] = {}
     prefixes: list[tuple[tuple, torch.Tensor]] = []
     plan: list[tuple[int, torch.Tensor | list[int], list[int] | None]] = []  # (group, embeds or ids, forced)
-    for q in questions:
-        ids = gen.prompt_ids(q.ctx, q.question, q.options)
+    all_ids = gen.prompt_ids_many([(q.ctx, q.question, q.options) for q in questions])
+    for q, ids in zip(questions, all_ids):
         last_end = len(ids) - 1 - ids[::-1].index(img_end) if img_end in ids else -1
         split = min(last_end + 1 if last_end >= 0 else len(ids) - 1, len(ids) - 1)
         token = q.ctx.__dict__.setdefault("_ts_prefix_token", object())

@@ -12,6 +12,7 @@ injected embeddings reach their KV cache.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import time
@@ -131,8 +132,26 @@ def _context(model: TerraScopeModel, host: _HostImages, vit: torch.Tensor, timin
     vision.stamp(ctx)
     if model.device.type == "cuda":  # on a CPU the model's own threads have no idle time to fill
         size = model.config.sam2.image_size
-        ctx.sam_frames = {i: _host_pool().submit(sam2_resize, p, size) for i, p in enumerate(host.pixels)}
+        ctx.sam_frames = {i: _host_pool().submit(_sam_frame_on, model.device, p, size)
+                          for i, p in enumerate(host.pixels)}
     return ctx
+
+
+_UPLOAD_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+_UPLOAD_LOCK = threading.Lock()
+
+
+def _sam_frame_on(device: torch.device, pixels: np.ndarray, size: int) -> torch.Tensor:
+    """An image's SAM-2 input resize, uploaded as uint8 to ``device`` from a host-pool thread on a side stream
+    (the copy is finished when this returns). At the first [SEG] the upload through the main thread's
+    staging buffer kept the GPU idle for ~5 ms."""
+    frame = np.ascontiguousarray(sam2_resize(pixels, size))
+    with _UPLOAD_LOCK:
+        stream = _UPLOAD_STREAMS.get(device)
+        if stream is None:
+            stream = _UPLOAD_STREAMS[device] = torch.cuda.Stream(device)
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        return torch.from_numpy(frame).to(device)
 
 
 class _VisionClock:
@@ -166,7 +185,7 @@ def prepare_images(model: TerraScopeModel, images: list[ImageInput]) -> VisualCo
     host = _host_images(model.config, images)
     t1 = time.perf_counter()
     clock = _VisionClock(model.device)
-    vit = model.extract_feature(normalized_on(model, np.concatenate(host.tiles), IMAGENET_MEAN, IMAGENET_STD))
+    vit = model.extract_feature(normalized_on(model, host.tiles, IMAGENET_MEAN, IMAGENET_STD))
     clock.stop()
     return _context(model, host, vit, {"preprocess_ms": (t1 - t0) * 1e3}, clock)
 
@@ -187,12 +206,11 @@ def prepare_images_many(model: TerraScopeModel, images_list: Sequence[list[Image
         return []
     t0 = time.perf_counter()
 
-    def host_stage(k: int) -> tuple[_HostImages, np.ndarray]:
+    def host_stage(k: int) -> _HostImages:
         try:
-            host = _host_images(model.config, list(images_list[k]))
+            return _host_images(model.config, list(images_list[k]))
         except ValueError as exc:
             raise ValueError(f"images_list[{k}]: {exc}") from exc
-        return host, np.concatenate(host.tiles)
 
     todo = range(len(images_list))
     with torch.profiler.record_function("ts:host_tiling"):  # phase labels for bench.gpu's gap profile
@@ -200,15 +218,16 @@ def prepare_images_many(model: TerraScopeModel, images_list: Sequence[list[Image
     t1 = time.perf_counter()
     clock = _VisionClock(model.device)
     with torch.profiler.record_function("ts:vit"):
-        pv = normalized_on(model, np.concatenate([s[1] for s in staged]), IMAGENET_MEAN, IMAGENET_STD)
+        pv = normalized_on(model, [t for host in staged for t in host.tiles], IMAGENET_MEAN, IMAGENET_STD)
         step = max_tiles or pv.shape[0]
         vit = torch.cat([model.extract_feature(pv[i:i + step]) for i in range(0, pv.shape[0], step)])
     clock.stop()
     timings = {"preprocess_ms": (t1 - t0) * 1e3, "prepare_batch": float(len(images_list))}
     out, start = [], 0
-    for host, tiles in staged:
-        out.append(_context(model, host, vit[start:start + tiles.shape[0]], timings, clock))
-        start += tiles.shape[0]
+    for host in staged:
+        n = sum(t.shape[0] for t in host.tiles)
+        out.append(_context(model, host, vit[start:start + n], timings, clock))
+        start += n
     return out
 
 
@@ -335,16 +354,20 @@ def normalize_pixels(x: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torc
     return ((x - m) / s).contiguous()
 
 
-def normalized_on(model: TerraScopeModel, pixels: np.ndarray, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """``normalize_pixels`` of host uint8 pixels, on the model's device.
+def normalized_on(model: TerraScopeModel, pixels: np.ndarray | Sequence[np.ndarray], mean: np.ndarray,
+                  std: np.ndarray) -> torch.Tensor:
+    """``normalize_pixels`` of host uint8 pixels [N, H, W, 3] (or parts of them, concatenated on N), on the
+    model's device.
 
     On the device because the host spent more time on this arithmetic (and on copying 4x the bytes) than on
     tiling (about 27 ms for a 4-tile + thumbnail image on 2 cores).
     """
+    parts = [pixels] if isinstance(pixels, np.ndarray) else list(pixels)
     dev = model.device
     if dev.type == "cuda":
-        return normalize_pixels(_STAGE.upload(pixels, dev), mean, std)
-    return normalize_pixels(torch.from_numpy(np.require(pixels, np.uint8, ["C", "W"])), mean, std)
+        return normalize_pixels(_STAGE.upload(parts, dev), mean, std)
+    whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
+    return normalize_pixels(torch.from_numpy(np.require(whole, np.uint8, ["C", "W"])), mean, std)
 
 
 class _PinnedStage:
@@ -357,16 +380,23 @@ class _PinnedStage:
         self.buf: torch.Tensor | None = None
         self.done: torch.cuda.Event | None = None
 
-    def upload(self, pixels: np.ndarray, device: torch.device) -> torch.Tensor:
+    def upload(self, parts: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
+        """``parts`` concatenated on their first axis, copied once into the pinned buffer, then to ``device``."""
+        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+        if any(tuple(p.shape[1:]) != shape[1:] for p in parts):
+            raise ValueError(f"pixel parts differ in shape: {[tuple(p.shape) for p in parts]}")
         with self.lock:
             if self.done is not None:
                 self.done.synchronize()
-            n = int(pixels.size)
+            n = math.prod(shape)
             if self.buf is None or self.buf.numel() < n:
                 self.buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-            host = self.buf[:n].view(pixels.shape)
-            np.copyto(host.numpy(), pixels, casting="unsafe")
-            out = host.to(device, non_blocking=True)
+            host = self.buf[:n].view(shape).numpy()
+            start = 0
+            for p in parts:
+                np.copyto(host[start:start + p.shape[0]], p, casting="unsafe")
+                start += p.shape[0]
+            out = self.buf[:n].view(shape).to(device, non_blocking=True)
             self.done = torch.cuda.Event()
             self.done.record()
             return out
@@ -400,17 +430,27 @@ class Generator:
         """The prompt's ids. Tokenised with ONE image-context token per image, then each expanded to its count:
         the placeholder is an added special token, so the tokenizer splits around it either way and the ids
         are the same, but a 1,460-token string cost ~3.5 ms a question (a batch of 32 spent 113 ms here)."""
-        template, counts = self.model.config.template, ctx.token_counts
-        ids = self.tok.encode(prompting.build_prompt(template, question, options, [1] * len(counts), ctx.roles))
-        marks = [i for i, t in enumerate(ids) if t == self.ids.img_context]
-        if len(marks) != len(counts):  # the question itself spells the placeholder: tokenise the full text
-            return self.tok.encode(prompting.build_prompt(template, question, options, counts, ctx.roles))
-        out: list[int] = []
-        start = 0
-        for i, n in zip(marks, counts):
-            out += ids[start:i] + [self.ids.img_context] * n
-            start = i + 1
-        return out + ids[start:]
+        return self.prompt_ids_many([(ctx, question, options)])[0]
+
+    def prompt_ids_many(self, items: Sequence[tuple[VisualContext, str, list[str] | None]]) -> list[list[int]]:
+        """``prompt_ids`` of several (context, question, options) in one tokenizer call: one at a time, the 32
+        questions of a batch kept the GPU idle for ~25 ms."""
+        template, img = self.model.config.template, self.ids.img_context
+        texts = [prompting.build_prompt(template, q, o, [1] * len(c.token_counts), c.roles) for c, q, o in items]
+        out = []
+        for (ctx, question, options), ids in zip(items, self.tok.encode_many(texts)):
+            counts = ctx.token_counts
+            marks = [i for i, t in enumerate(ids) if t == img]
+            if len(marks) != len(counts):  # the question itself spells the placeholder: tokenise the full text
+                out.append(self.tok.encode(prompting.build_prompt(template, question, options, counts, ctx.roles)))
+                continue
+            full: list[int] = []
+            start = 0
+            for i, n in zip(marks, counts):
+                full += ids[start:i] + [img] * n
+                start = i + 1
+            out.append(full + ids[start:])
+        return out
 
     def _beta(self, ctx: VisualContext, question: str) -> tuple[np.ndarray, np.ndarray] | None:
         if ctx.kind != "pair":
@@ -422,17 +462,27 @@ class Generator:
         beta_sar = text_relevance(ctx.vit_flat[n:2 * n], q).cpu().numpy()
         return beta_opt, beta_sar
 
-    def _sam_frame(self, ctx: VisualContext, index: int) -> np.ndarray:
-        """The image's SAM-2 input resize: the one started with the context, else made now."""
+    def _sam_frame(self, ctx: VisualContext, index: int) -> np.ndarray | torch.Tensor:
+        """The image's SAM-2 input resize: the one started with the context (on CUDA already on the device),
+        else made now on the host."""
         started = ctx.sam_frames.pop(index, None)
         if started is not None:
             return started.result()
         return sam2_resize(ctx.pixels[index], self.model.config.sam2.image_size)
 
+    def _sam_input(self, frames: Sequence[np.ndarray | torch.Tensor]) -> torch.Tensor:
+        """Normalised SAM-2 input [N, 3, S, S] on the model's device from uint8 frames (host or device)."""
+        if all(isinstance(f, torch.Tensor) and f.device == self.model.device for f in frames):
+            main = torch.cuda.current_stream(self.model.device)
+            for f in frames:  # made on the upload stream, read on this one: keep the allocator off them
+                f.record_stream(main)
+            return normalize_pixels(torch.stack(list(frames)), SAM2_MEAN, SAM2_STD)
+        host = [f.cpu().numpy() if isinstance(f, torch.Tensor) else f for f in frames]
+        return normalized_on(self.model, np.stack(host), SAM2_MEAN, SAM2_STD)
+
     def sam_features(self, ctx: VisualContext, index: int) -> Sam2Features:
         if index not in ctx.sam_cache:
-            g = self._sam_frame(ctx, index)[None]
-            ctx.sam_cache[index] = self.model.sam2_encode(normalized_on(self.model, g, SAM2_MEAN, SAM2_STD))
+            ctx.sam_cache[index] = self.model.sam2_encode(self._sam_input([self._sam_frame(ctx, index)]))
         return ctx.sam_cache[index]
 
     @torch.no_grad()
@@ -461,8 +511,7 @@ class Generator:
             frames = list(_host_pool().map(host, range(len(work)))) if len(work) > 1 else [host(0)]
             for lo in range(0, len(work), max_frames):
                 chunk = work[lo:lo + max_frames]
-                g = normalized_on(self.model, np.stack(frames[lo:lo + max_frames]), SAM2_MEAN, SAM2_STD)
-                feats = self.model.sam2_encode(g)
+                feats = self.model.sam2_encode(self._sam_input(frames[lo:lo + max_frames]))
                 for k, (ctx, index) in enumerate(chunk):
                     ctx.sam_cache[index] = feats if len(chunk) == 1 else feats.frame(k)
         return [ctx.sam_cache[index] for ctx, index in pairs]
@@ -628,6 +677,7 @@ class Generator:
             built.append((step, flat_idx))
         mask_ms = (time.perf_counter() - t0) * 1e3
 
+        regions = self._regions([(st.ctx, flat_idx) for (st, _, _), (_, flat_idx) in zip(plan, built)])
         for i, ((st, _, image), (step, flat_idx)) in enumerate(zip(plan, built)):
             ctx = st.ctx
             if trace_segs is not None:
@@ -638,9 +688,8 @@ class Generator:
             if st.on_mask is not None:
                 st.on_mask(step)
             if flat_idx:
-                region = ctx.vit_flat[torch.tensor(flat_idx, device=ctx.vit_flat.device)].to(model.dtype)
                 region_ids = [self.ids.region] * len(flat_idx)
-                inject(i, "region", region, region_ids)
+                inject(i, "region", regions[i], region_ids)
                 st.out_ids.extend(region_ids)
             if st.grounding is not None:
                 span = st.grounding(step)
@@ -654,6 +703,22 @@ class Generator:
             st.steps.append(step)
             st.emit()
         return mask_ms
+
+    def _regions(self, picks: list[tuple[VisualContext, list[int]]]) -> list[torch.Tensor]:
+        """The visual tokens ``vit_flat[flat_idx]`` of each (context, indices), one gather per context: one at
+        a time, a batch's 32 index uploads and gathers kept the GPU idle for a few ms a [SEG] round."""
+        out: list[torch.Tensor] = [torch.empty(0)] * len(picks)
+        by_ctx: dict[int, list[int]] = {}
+        for i, (ctx, idx) in enumerate(picks):
+            if idx:
+                by_ctx.setdefault(id(ctx), []).append(i)
+        for members in by_ctx.values():
+            ctx = picks[members[0]][0]
+            flat = [j for i in members for j in picks[i][1]]
+            rows = ctx.vit_flat[torch.tensor(flat, device=ctx.vit_flat.device)].to(self.model.dtype)
+            for i, part in zip(members, torch.split(rows, [len(picks[i][1]) for i in members])):
+                out[i] = part
+        return out
 
     # ---- the loop ---------------------------------------------------------------------------------------------
     @torch.no_grad()

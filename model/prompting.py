@@ -53,6 +53,10 @@ class TokenizerWrapper:
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=True).ids
 
+    def encode_many(self, texts: list[str]) -> list[list[int]]:
+        """``encode`` of several texts in one call (the Rust side runs them in parallel, outside the GIL)."""
+        return [e.ids for e in self.tok.encode_batch(texts, add_special_tokens=True)]
+
     def decode(self, ids: list[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 

@@ -65,8 +65,27 @@ def test_model_input_normalised_on_cuda_is_bit_identical_to_numpy():
     tiles = P.dynamic_tiles(img)[0]
     got = normalized_on(dev, tiles, P.IMAGENET_MEAN, P.IMAGENET_STD).cpu().numpy()
     assert np.array_equal(got, P.normalize_tiles(tiles))
+    parts = normalized_on(dev, [tiles[:2], tiles[2:]], P.IMAGENET_MEAN, P.IMAGENET_STD).cpu().numpy()
+    assert np.array_equal(parts, got)  # a batch's images go through the pinned buffer in one upload
     got = normalized_on(dev, P.sam2_resize(img)[None], P.SAM2_MEAN, P.SAM2_STD).cpu().numpy()
     assert np.array_equal(got, P.sam2_pixels(img)[None])
+
+
+def test_sam2_frames_started_with_the_context_equal_the_host_path():
+    """On CUDA a context starts its SAM-2 resizes on the host pool and uploads them on a side stream; the
+    encoder input made from those device frames is the host path's, bit for bit."""
+    from model import preprocess as P
+    from model.api import TerraScope
+
+    ts = TerraScope.random(tiny_config(), CHECKPOINT, device="cuda", dtype="float32")
+    imgs = [np.random.default_rng(k).integers(0, 256, size=(300 + 40 * k, 260, 3), dtype=np.uint8) for k in range(3)]
+    ctx = ts.prepare([ImageInput(im, f"t{k}") for k, im in enumerate(imgs)])
+    assert sorted(ctx.sam_frames) == [0, 1, 2]
+    frames = [ts.generator._sam_frame(ctx, k) for k in range(3)]
+    assert ctx.sam_frames == {} and all(f.device.type == "cuda" and f.dtype == torch.uint8 for f in frames)
+    got = ts.generator._sam_input(frames).cpu().numpy()
+    size = ts.model.config.sam2.image_size
+    assert np.array_equal(got, np.stack([P.sam2_pixels(im, size) for im in imgs]))
 
 
 def test_sam2_encoder_graph_replays_equal_the_eager_encoder(monkeypatch):
