@@ -28,6 +28,8 @@ from . import protocol as P
 EventCallback = Callable[[dict, dict], None]
 #: Events consumed by the client itself and not passed to ``on_event``.
 _INTERNAL_EVENTS = ("alive", "pong", "ack")
+#: A running job's first keepalive ping goes out this many ``heartbeat_s`` after the client sees it running.
+FIRST_PING_HEARTBEATS = 1.5
 #: Events only a running job sends: seeing one starts the keepalive pings.
 _RUNNING_EVENTS = ("token", "mask", "progress")
 
@@ -342,7 +344,10 @@ class WorkerClient:
             if name == "error":
                 raise WorkerError(str(ev.get("code")), str(ev.get("message")), ev)
             if next_ping is None and (name in _RUNNING_EVENTS or (name == "alive" and ev.get("state") == "running")):
-                next_ping = last_seen + self.heartbeat_s
+                # the first ping 1.5 heartbeats into the run: an answer shorter than that (about a second on a
+                # GPU) sends none, so in a pool only asks take the DEALER's turns; the worker's window,
+                # max(3 hb, 3 s) from the start, still leaves 1.5 hb (>= 1.5 s) for the news to arrive
+                next_ping = last_seen + FIRST_PING_HEARTBEATS * self.heartbeat_s
             if name in _INTERNAL_EVENTS:
                 continue
             if on_event is not None:

@@ -87,6 +87,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     limits = P.Limits(max_message_bytes=args.max_message_bytes)
     if args.gpus or args.workers > 1:
         return _run_pool(args, model, secret, clients)
+    if args.pool_member and args.device.startswith("cuda"):
+        from worker.pool import pin_to_gpu
+
+        pin_to_gpu()  # before the service starts its threads, so they inherit it
     config = ServiceConfig(
         endpoint=args.endpoint,
         bind=not args.pool_member,

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import zmq
 
@@ -33,6 +34,45 @@ log = logging.getLogger("terrascope.pool")
 def cpu_share(members: int) -> int:
     """Threads for one of ``members`` worker processes on this host (at least 1)."""
     return max(1, (os.cpu_count() or 1) // max(1, members))
+
+
+def parse_cpulist(text: str) -> set[int]:
+    """A kernel CPU list (``0-15,32-47``) as a set of CPU numbers."""
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        if part:
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def gpu_local_cpus(device: int = 0) -> set[int] | None:
+    """The CPUs of the NUMA node that holds CUDA ``device`` (sysfs ``local_cpulist``), among those this process
+    may use; None when unknown or when that is all of them (nothing to pin)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        props = torch.cuda.get_device_properties(device)
+        bus = f"{props.pci_domain_id:04x}:{props.pci_bus_id:02x}:{props.pci_device_id:02x}.0"
+        local = parse_cpulist(Path(f"/sys/bus/pci/devices/{bus}/local_cpulist").read_text())
+    except (AttributeError, OSError, RuntimeError, ValueError):
+        return None
+    allowed = os.sched_getaffinity(0)
+    cpus = local & allowed
+    return cpus if cpus and cpus != allowed else None
+
+
+def pin_to_gpu(device: int = 0) -> set[int] | None:
+    """Keep this process (threads started from now on) on the CPUs next to its GPU. Why: in a 2-GPU pool one
+    member served a question 13 % slower than the other (1026 against 908 ms) with the same GPUs; host work
+    on the far NUMA node (copies, per-token syncs) is the usual cause. Returns the CPUs, or None if unpinned."""
+    cpus = gpu_local_cpus(device)
+    if cpus:
+        os.sched_setaffinity(0, cpus)
+        log.info("pinned to the %d CPUs local to GPU %d", len(cpus), device)
+    return cpus
 
 
 @dataclass

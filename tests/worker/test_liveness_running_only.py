@@ -15,7 +15,7 @@ import zmq
 from workerlib import RawDealer, WorkerProc, long_ask, small_ask
 
 from qgis_plugin import protocol as P
-from qgis_plugin.client import WorkerClient
+from qgis_plugin.client import FIRST_PING_HEARTBEATS, WorkerClient
 
 #: The worker's shortest liveness window, max(3 x client_heartbeat_s, 3 s): queue waits exceed it.
 WINDOW_S = 3.0
@@ -138,7 +138,7 @@ class FakeWorker:
 @pytest.mark.parametrize("signal", ["alive", "token"])
 def test_worker_client_pings_only_while_its_job_runs(tmp_path: Path, signal: str) -> None:
     """Queued (alive state=queued) for 1.5 s: no ping. Running (an ``alive`` state=running, or only
-    tokens) for 1.5 s: the first ping ``heartbeat_s`` after the first sign of running, then every
+    tokens) for 1.5 s: the first ping 1.5 ``heartbeat_s`` after the first sign of running, then every
     ``heartbeat_s``, each naming the job."""
     hb = 0.25
     fake = FakeWorker(f"ipc://{tmp_path}/fake.sock")
@@ -177,9 +177,10 @@ def test_worker_client_pings_only_while_its_job_runs(tmp_path: Path, signal: str
 
         assert all(active == [rid] for _, active in pings), pings
         times = [t - t_run for t, _ in pings]
-        assert times and times[0] >= hb - 0.05, f"first ping too early: {times}"
-        assert times[0] < hb + 0.5, f"first ping too late: {times}"
-        # every hb (0.25 s) over the 1.5 s phase, minus the first hb: ~5; allow for a loaded machine
+        first = FIRST_PING_HEARTBEATS * hb
+        assert times and times[0] >= first - 0.05, f"first ping too early: {times}"
+        assert times[0] < first + 0.5, f"first ping too late: {times}"
+        # every hb (0.25 s) over the 1.5 s phase after the first 1.5 hb: ~5; allow for a loaded machine
         assert 3 <= len(times) <= 7, times
     finally:
         fake.close()

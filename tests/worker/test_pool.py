@@ -164,3 +164,19 @@ def test_gpu_lists_map_into_cuda_visible_devices(monkeypatch) -> None:
         with pytest.raises(ValueError, match="no CUDA GPU"):
             visible_gpus("all")
 
+
+
+def test_cpu_lists_parse_as_the_kernel_writes_them() -> None:
+    from worker.pool import parse_cpulist
+
+    assert parse_cpulist("0-3,8,10-11\n") == {0, 1, 2, 3, 8, 10, 11}
+    assert parse_cpulist("5") == {5} and parse_cpulist("") == set()
+
+
+def test_a_member_without_a_numa_local_gpu_is_not_pinned() -> None:
+    """No CUDA here: nothing is known about a GPU's node, so nothing is pinned and the CPU set is unchanged."""
+    from worker.pool import gpu_local_cpus, pin_to_gpu
+
+    before = os.sched_getaffinity(0)
+    assert gpu_local_cpus(0) is None and pin_to_gpu(0) is None
+    assert os.sched_getaffinity(0) == before
