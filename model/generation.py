@@ -145,7 +145,7 @@ def _sam_frame_on(device: torch.device, pixels: np.ndarray, size: int) -> torch.
     """An image's SAM-2 input resize, uploaded as uint8 to ``device`` from a host-pool thread on a side stream
     (the copy is finished when this returns). At the first [SEG] the upload through the main thread's
     staging buffer kept the GPU idle for ~5 ms."""
-    frame = np.ascontiguousarray(sam2_resize(pixels, size))
+    frame = np.require(sam2_resize(pixels, size), np.uint8, ["C", "W"])  # PIL arrays are read-only
     with _UPLOAD_LOCK:
         stream = _UPLOAD_STREAMS.get(device)
         if stream is None:

@@ -87,10 +87,10 @@ def cmd_worker(args: argparse.Namespace) -> int:
     limits = P.Limits(max_message_bytes=args.max_message_bytes)
     if args.gpus or args.workers > 1:
         return _run_pool(args, model, secret, clients)
-    if args.pool_member and args.device.startswith("cuda"):
-        from worker.pool import pin_to_gpu
+    if args.pool_member:
+        from worker.pool import pin_member
 
-        pin_to_gpu()  # before the service starts its threads, so they inherit it
+        pin_member(args.device.startswith("cuda"))  # before the service starts its threads, so they inherit it
     config = ServiceConfig(
         endpoint=args.endpoint,
         bind=not args.pool_member,

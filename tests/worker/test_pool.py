@@ -180,3 +180,26 @@ def test_a_member_without_a_numa_local_gpu_is_not_pinned() -> None:
     before = os.sched_getaffinity(0)
     assert gpu_local_cpus(0) is None and pin_to_gpu(0) is None
     assert os.sched_getaffinity(0) == before
+
+
+def test_cpu_shares_are_disjoint_whole_cores() -> None:
+    from worker.pool import core_groups, format_cpulist, split_cpus
+
+    cpus = os.sched_getaffinity(0)
+    shares = split_cpus(cpus, 2)
+    if len(core_groups(cpus)) >= 2:
+        assert shares[0] and shares[1] and not shares[0] & shares[1] and shares[0] | shares[1] == cpus
+        for core in core_groups(cpus):  # a core's hyperthreads stay together
+            assert any(set(core) <= s for s in shares)
+    else:
+        assert shares == [cpus, cpus]
+    assert format_cpulist({0, 1, 2, 3, 8, 10, 11}) == "0-3,8,10-11" and format_cpulist({5}) == "5"
+
+
+def test_a_member_takes_the_cpu_share_the_pool_gave_it() -> None:
+    """``TERRASCOPE_CPUS`` (set by the pool with TERRASCOPE_POOL_CPU_SPLIT=1) pins the member process."""
+    cpu = min(os.sched_getaffinity(0))
+    code = "import os; from worker.pool import pin_member; pin_member(False); print(sorted(os.sched_getaffinity(0)))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, TERRASCOPE_CPUS=str(cpu)), check=True).stdout
+    assert out.strip() == f"[{cpu}]"
