@@ -103,15 +103,20 @@ def format_cpulist(cpus: set[int]) -> str:
     return ",".join(out)
 
 
-#: ``TERRASCOPE_POOL_CPU_SPLIT=1``: the pool gives each member a disjoint share of whole physical cores
-#: (``TERRASCOPE_CPUS`` in the member's environment) instead of letting members share every core.
+#: The pool gives each member a disjoint share of whole physical cores (``TERRASCOPE_CPUS`` in the member's
+#: environment); ``TERRASCOPE_POOL_CPU_SPLIT=0`` lets members share every core. Why: on a 2 x H100 host (32
+#: cores, one NUMA node) the second of two sharing members served a question 13-15 % slower than the first
+#: (1022-1026 against 891-908 ms, in two runs); with 16 cores each they served at 934 and 945 ms, as one
+#: member alone does (928 ms).
 CPU_SPLIT_ENV = "TERRASCOPE_POOL_CPU_SPLIT"
 MEMBER_CPUS_ENV = "TERRASCOPE_CPUS"
 
 
 def pin_member(cuda: bool) -> set[int] | None:
     """A pool member's CPU placement, before it starts its threads: the share the pool gave it
-    (``TERRASCOPE_CPUS``), else on CUDA the CPUs next to its GPU (``pin_to_gpu``)."""
+    (``TERRASCOPE_CPUS``), else on CUDA the CPUs next to its GPU (``pin_to_gpu``). The shares are whole cores
+    in CPU order, not per NUMA node: on a host with several nodes, set ``TERRASCOPE_POOL_CPU_SPLIT=0`` to
+    have each GPU member pin itself to its GPU's node instead."""
     given = os.environ.get(MEMBER_CPUS_ENV, "").strip()
     if given:
         cpus = parse_cpulist(given) & os.sched_getaffinity(0)
@@ -237,7 +242,7 @@ class Pool:
         # each member gets its share of the cores: N processes with a thread per core each oversubscribe the
         # host in their CPU phases (raster preparation, tiling) and slow every GPU's feed
         env.setdefault("OMP_NUM_THREADS", str(cpu_share(len(self.members))))
-        if os.environ.get(CPU_SPLIT_ENV) == "1":
+        if os.environ.get(CPU_SPLIT_ENV, "1") != "0":
             share = split_cpus(os.sched_getaffinity(0), len(self.members))[m.index]
             env[MEMBER_CPUS_ENV] = format_cpulist(share)
         cmd = [

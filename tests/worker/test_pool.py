@@ -83,6 +83,23 @@ def test_members_share_the_cores_unless_the_user_chose(pool, monkeypatch) -> Non
         assert env["OMP_NUM_THREADS"] == "1"
 
 
+def test_members_run_on_disjoint_cores(pool) -> None:
+    """By default each member is pinned to its own share of whole cores (``TERRASCOPE_CPUS``)."""
+    from worker.pool import core_groups, parse_cpulist
+
+    _, endpoint = pool
+    pids = _member_pids(endpoint)
+    allowed = []
+    for pid in pids:
+        status = Path(f"/proc/{pid}/status").read_text()
+        line = next(x for x in status.splitlines() if x.startswith("Cpus_allowed_list:"))
+        allowed.append(parse_cpulist(line.split(":", 1)[1]))
+    if len(core_groups(os.sched_getaffinity(0))) >= len(pids):
+        assert all(allowed) and not set.intersection(*allowed), allowed
+    else:
+        assert all(a == os.sched_getaffinity(0) for a in allowed)
+
+
 def test_pool_answers_questions_from_concurrent_clients(pool) -> None:
     _, endpoint = pool
     done: dict[int, dict] = {}
