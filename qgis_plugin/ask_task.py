@@ -23,7 +23,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import pyqtSignal
 
-from .client import WorkerClient, WorkerError, WorkerUnavailable
+from .client import INFO_TTL_S, WorkerClient, WorkerError, WorkerUnavailable
 from .errors import describe
 from .geometry import mask_polygons, measure
 from .gpkg import write_results
@@ -148,7 +148,7 @@ class AskTask(QgsTask):
             if self.isCanceled():
                 raise WorkerError("cancelled", "cancelled")
             try:
-                info = client.info()
+                info = client.info(INFO_TTL_S)  # a pool deals every message a turn: ask once a minute
             except WorkerUnavailable:
                 if time.monotonic() >= deadline:
                     raise

@@ -30,6 +30,14 @@ EventCallback = Callable[[dict, dict], None]
 _INTERNAL_EVENTS = ("alive", "pong", "ack")
 #: A running job's first keepalive ping goes out this many ``heartbeat_s`` after the client sees it running.
 FIRST_PING_HEARTBEATS = 1.5
+#: How long this process's clients reuse an endpoint's ``info`` for its size limit (``ask``) and, from a ready
+#: worker, for the plugin's readiness check. Why: behind a pool's DEALER every message takes a round-robin
+#: turn. A new client sent an ``info`` before each big ask, so one client per ask (the plugin's tasks) sent
+#: every ask to the same member, and 8 clients starting together dealt 18 / 14 instead of 16 / 16.
+INFO_TTL_S = 60.0
+_INFOS: dict[str, tuple[dict, float]] = {}  # endpoint -> (its last info event, when it came)
+_INFO_LOCK = threading.Lock()
+_LEARN_LOCK = threading.Lock()  # one info in flight per process for the size limit
 #: Events only a running job sends: seeing one starts the keepalive pings.
 _RUNNING_EVENTS = ("token", "mask", "progress")
 
@@ -239,14 +247,34 @@ class WorkerClient:
         """The ``pong`` event: {state, queue_length, max_queue, running, pid, time}."""
         return self._call("ping")
 
-    def info(self) -> dict:
-        """The ``info`` event (model, device, GPU, versions, limits). Also learns the worker's size limit."""
-        ev = self._call("info")
+    def info(self, max_age_s: float | None = None, *, ready_only: bool = True) -> dict:
+        """The ``info`` event (model, device, GPU, versions, limits). Also learns the worker's size limit.
+
+        With ``max_age_s``, an info this process got from the endpoint less than that long ago is returned
+        instead of asking again (only a ``ready`` worker's, unless ``ready_only`` is False)."""
+        if max_age_s is not None:
+            with _INFO_LOCK:
+                hit = _INFOS.get(self.endpoint)
+            if (hit is not None and time.monotonic() - hit[1] < max_age_s
+                    and (hit[0].get("state") == "ready" or not ready_only)):
+                return self._learn(dict(hit[0]))
+        ev = self._learn(self._call("info"))
+        with _INFO_LOCK:
+            _INFOS[self.endpoint] = (dict(ev), time.monotonic())
+        return ev
+
+    def _learn(self, ev: dict) -> dict:
         limit = (ev.get("limits") or {}).get("max_message_bytes")
         if isinstance(limit, int) and limit > 0:
             self.max_send_bytes = limit
             self._limit_known = True
         return ev
+
+    def _learn_limit(self) -> None:
+        """The worker's size limit from this process's last ``info`` to the endpoint (``INFO_TTL_S``), else from
+        a new one; concurrent first asks wait for a single ``info`` (see ``INFO_TTL_S`` for why)."""
+        with _LEARN_LOCK:
+            self.info(INFO_TTL_S, ready_only=False)
 
     def echo(self, arrays: Mapping[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
         """Round trip of ``arrays`` through the worker (diagnostics and the protocol benchmark)."""
@@ -277,7 +305,7 @@ class WorkerClient:
         if not self._limit_known and arrays and sum(np.asarray(a).nbytes for a in arrays.values()) > 1 << 20:
             # a frame over the worker's limit is dropped by libzmq with the connection, unanswered:
             # learn the limit first so that such a request fails here with ``too_large``
-            self.info()
+            self._learn_limit()
         with self._exclusive():
             header = dict(request_header)
             header.setdefault("protocol", P.PROTOCOL_VERSION)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from workerlib import REPO, TINY_MODEL, long_ask, small_ask
+from workerlib import GT10, REPO, TINY_MODEL, UTM33, long_ask, small_ask
 
 from qgis_plugin import protocol as P
-from qgis_plugin.client import WorkerClient, WorkerError, WorkerUnavailable
+from qgis_plugin.client import INFO_TTL_S, WorkerClient, WorkerError, WorkerUnavailable
 
 
 def _wait_ping(endpoint: str, proc: subprocess.Popen, timeout_s: float = 120) -> None:
@@ -81,6 +81,25 @@ def test_members_share_the_cores_unless_the_user_chose(pool, monkeypatch) -> Non
         raw = Path(f"/proc/{pid}/environ").read_text()
         env = dict(item.split("=", 1) for item in raw.split("\0") if "=" in item)
         assert env["OMP_NUM_THREADS"] == "1"
+
+
+def test_asks_from_new_clients_alternate_members(pool) -> None:
+    """Every message takes a round-robin turn at the pool's DEALER. A new client used to send ``info`` before
+    its first big ask, so one new client per ask sent every ask to the same member; now a process asks for
+    the limit once per endpoint and minute, and consecutive asks alternate."""
+    _, endpoint = pool
+    pixels = np.random.default_rng(5).integers(0, 255, size=(3, 720, 720), dtype=np.uint8)  # 1.5 MB: "big"
+    header, arrays = P.build_ask("Where is the water?", [P.RasterPayload(pixels, GT10, UTM33)],
+                                 settings={"max_new_tokens": 4, "max_seg": 0})
+    for readiness_check in (False, True):  # True: as the plugin's AskTask does before each ask
+        served = []
+        for _ in range(6):
+            with WorkerClient(endpoint, timeout_s=30) as c:
+                if readiness_check:
+                    assert c.info(INFO_TTL_S)["state"] == "ready"
+                served.append(c.ask(dict(header, id=P.new_id()), arrays)["worker"]["pid"])
+        counts = sorted(served.count(pid) for pid in set(served))
+        assert counts == [3, 3], (readiness_check, served)
 
 
 def test_members_run_on_disjoint_cores(pool) -> None:
