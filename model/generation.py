@@ -12,12 +12,9 @@ injected embeddings reach their KV cache.
 
 from __future__ import annotations
 
-import math
-import os
-import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -36,6 +33,7 @@ from .preprocess import (
     sam2_resize,
     tile_images,
 )
+from .transfer import host_copy, host_pool, normalize_pixels, normalized_on, sam_frame_on
 from .types import (
     AnswerResult,
     GenerationSettings,
@@ -132,26 +130,9 @@ def _context(model: TerraScopeModel, host: _HostImages, vit: torch.Tensor, timin
     vision.stamp(ctx)
     if model.device.type == "cuda":  # on a CPU the model's own threads have no idle time to fill
         size = model.config.sam2.image_size
-        ctx.sam_frames = {i: _host_pool().submit(_sam_frame_on, model.device, p, size)
+        ctx.sam_frames = {i: host_pool().submit(sam_frame_on, model.device, p, size)
                           for i, p in enumerate(host.pixels)}
     return ctx
-
-
-_UPLOAD_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
-_UPLOAD_LOCK = threading.Lock()
-
-
-def _sam_frame_on(device: torch.device, pixels: np.ndarray, size: int) -> torch.Tensor:
-    """An image's SAM-2 input resize, uploaded as uint8 to ``device`` from a host-pool thread on a side stream
-    (the copy is finished when this returns). At the first [SEG] the upload through the main thread's
-    staging buffer kept the GPU idle for ~5 ms."""
-    frame = np.require(sam2_resize(pixels, size), np.uint8, ["C", "W"])  # PIL arrays are read-only
-    with _UPLOAD_LOCK:
-        stream = _UPLOAD_STREAMS.get(device)
-        if stream is None:
-            stream = _UPLOAD_STREAMS[device] = torch.cuda.Stream(device)
-    with torch.cuda.device(device), torch.cuda.stream(stream):
-        return torch.from_numpy(frame).to(device)
 
 
 class _VisionClock:
@@ -214,7 +195,7 @@ def prepare_images_many(model: TerraScopeModel, images_list: Sequence[list[Image
 
     todo = range(len(images_list))
     with torch.profiler.record_function("ts:host_tiling"):  # phase labels for bench.gpu's gap profile
-        staged = list(_host_pool().map(host_stage, todo)) if len(images_list) > 1 else [host_stage(0)]
+        staged = list(host_pool().map(host_stage, todo)) if len(images_list) > 1 else [host_stage(0)]
     t1 = time.perf_counter()
     clock = _VisionClock(model.device)
     with torch.profiler.record_function("ts:vit"):
@@ -320,97 +301,10 @@ class SegEvent:
 #: path collects the parts and its decoder injects them in one step.
 InjectFn = Callable[[int, str, torch.Tensor, list[int]], None]
 
-_HOST_POOL: ThreadPoolExecutor | None = None
 #: Masks of at least this many pixels are selected in the thread pool (``handle_segs``).
 PARALLEL_SELECT_PIXELS = 4_000_000
 #: Images per batched SAM-2 image-encoder forward (``Generator.sam_features_many``): bounds its activations.
 SAM2_MAX_FRAMES = 8
-
-
-def _host_copy(t: torch.Tensor) -> np.ndarray:
-    """``t.cpu().numpy()``, through pinned memory on CUDA: a batch's masks (32 x 896 x 896) took 5 ms a copy
-    through pageable memory. The array views the pinned block, which returns to torch's cache when freed."""
-    if t.device.type != "cuda":
-        return t.cpu().numpy()
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    torch.cuda.current_stream().synchronize()
-    return host.numpy()
-
-
-def normalize_pixels(x: torch.Tensor, mean: np.ndarray, std: np.ndarray) -> torch.Tensor:
-    """uint8 [N, H, W, 3] tensor -> float32 [N, 3, H, W] on its device: /255, then (x - mean) / std.
-
-    The same float32 operations as ``preprocess.normalize_tiles`` / ``sam2_pixels``, each correctly rounded,
-    so bit-identical to them on any device. Inference (``normalized_on``) and training both call this.
-    """
-    dev = x.device
-    # the divisors are device tensors: CUDA turns a division by a host scalar into a multiplication by its
-    # reciprocal, which rounds differently
-    full = torch.full((1, 1, 1, 1), 255.0, dtype=torch.float32, device=dev)
-    x = x.permute(0, 3, 1, 2).to(torch.float32) / full
-    m = torch.from_numpy(mean).to(dev).view(1, 3, 1, 1)
-    s = torch.from_numpy(std).to(dev).view(1, 3, 1, 1)
-    return ((x - m) / s).contiguous()
-
-
-def normalized_on(model: TerraScopeModel, pixels: np.ndarray | Sequence[np.ndarray], mean: np.ndarray,
-                  std: np.ndarray) -> torch.Tensor:
-    """``normalize_pixels`` of host uint8 pixels [N, H, W, 3] (or parts of them, concatenated on N), on the
-    model's device.
-
-    On the device because the host spent more time on this arithmetic (and on copying 4x the bytes) than on
-    tiling (about 27 ms for a 4-tile + thumbnail image on 2 cores).
-    """
-    parts = [pixels] if isinstance(pixels, np.ndarray) else list(pixels)
-    dev = model.device
-    if dev.type == "cuda":
-        return normalize_pixels(_STAGE.upload(parts, dev), mean, std)
-    whole = parts[0] if len(parts) == 1 else np.concatenate(parts)
-    return normalize_pixels(torch.from_numpy(np.require(whole, np.uint8, ["C", "W"])), mean, std)
-
-
-class _PinnedStage:
-    """One reusable pinned host buffer for uploading uint8 pixels: ``pin_memory()`` on a fresh 12 MB array
-    spent ~8 ms in ``cudaHostAlloc`` per batch with the GPU idle. The next upload waits for the last copy
-    out of the buffer (an event; long done in practice) before overwriting it."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.buf: torch.Tensor | None = None
-        self.done: torch.cuda.Event | None = None
-
-    def upload(self, parts: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
-        """``parts`` concatenated on their first axis, copied once into the pinned buffer, then to ``device``."""
-        shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-        if any(tuple(p.shape[1:]) != shape[1:] for p in parts):
-            raise ValueError(f"pixel parts differ in shape: {[tuple(p.shape) for p in parts]}")
-        with self.lock:
-            if self.done is not None:
-                self.done.synchronize()
-            n = math.prod(shape)
-            if self.buf is None or self.buf.numel() < n:
-                self.buf = torch.empty(n, dtype=torch.uint8, pin_memory=True)
-            host = self.buf[:n].view(shape).numpy()
-            start = 0
-            for p in parts:
-                np.copyto(host[start:start + p.shape[0]], p, casting="unsafe")
-                start += p.shape[0]
-            out = self.buf[:n].view(shape).to(device, non_blocking=True)
-            self.done = torch.cuda.Event()
-            self.done.record()
-            return out
-
-
-_STAGE = _PinnedStage()
-
-
-def _host_pool() -> ThreadPoolExecutor:
-    """Threads for host image work (tiling, SAM-2 resizes, big-mask selection): PIL and numpy release the GIL."""
-    global _HOST_POOL
-    if _HOST_POOL is None:
-        _HOST_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ts-host")
-    return _HOST_POOL
 
 
 class Generator:
@@ -508,7 +402,7 @@ class Generator:
             def host(k: int) -> np.ndarray:
                 return self._sam_frame(*work[k])
 
-            frames = list(_host_pool().map(host, range(len(work)))) if len(work) > 1 else [host(0)]
+            frames = list(host_pool().map(host, range(len(work)))) if len(work) > 1 else [host(0)]
             for lo in range(0, len(work), max_frames):
                 chunk = work[lo:lo + max_frames]
                 feats = self.model.sam2_encode(self._sam_input(frames[lo:lo + max_frames]))
@@ -646,7 +540,7 @@ class Generator:
                     continue
                 idx = torch.tensor(rows, device=dec.low_res.device)
                 probs = mask_probabilities(dec.low_res[idx], hw, cfg.sam2.image_size)
-                host = _host_copy(probs > 0.5)
+                host = host_copy(probs > 0.5)
                 for j, i in enumerate(rows):
                     out[i] = np.zeros(hw, bool) if empty[i] else host[j]
                     if out is masks_sel:
@@ -660,7 +554,7 @@ class Generator:
         # 32 of them took twice as long in the pool as in a loop; random injection keeps one rng order
         parallel = (n > 1 and masks_sel[0].size >= PARALLEL_SELECT_PIXELS
                     and all(p[0].settings.injection != "random" for p in plan))
-        chosen = list(_host_pool().map(select, range(n))) if parallel else [select(i) for i in range(n)]
+        chosen = list(host_pool().map(select, range(n))) if parallel else [select(i) for i in range(n)]
         built: list[tuple[MaskStep, list[int]]] = []
         for i, (st, text_so_far, image) in enumerate(plan):
             ctx, local = st.ctx, chosen[i]

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.generation import normalize_pixels
 from model.modeling_terrascope import Sam2Features, TerraScopeModel, pixel_shuffle_v2, text_relevance
 from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, SAM2_MEAN, SAM2_STD
+from model.transfer import normalize_pixels
 
 from .data import Example, ExampleBuilder
 from .losses import IGNORE_INDEX, dice_bce_per_mask, dice_loss, mask_iou

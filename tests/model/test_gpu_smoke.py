@@ -58,7 +58,7 @@ def test_model_input_normalised_on_cuda_is_bit_identical_to_numpy():
     from types import SimpleNamespace
 
     from model import preprocess as P
-    from model.generation import normalized_on
+    from model.transfer import normalized_on
 
     img = np.random.default_rng(1).integers(0, 256, size=(700, 500, 3), dtype=np.uint8)
     dev = SimpleNamespace(device=torch.device("cuda"))

@@ -14,9 +14,10 @@ import torch
 from conftest import fixture_image, fixture_inputs, unpack_mask
 
 from model import preprocess as P
-from model.generation import GenerationTrace, normalized_on
+from model.generation import GenerationTrace
 from model.modeling_terrascope import mask_probabilities, pixel_shuffle_v2
 from model.prompting import OFFICIAL_INSTRUCTION, build_prompt
+from model.transfer import normalized_on
 from model.types import GenerationSettings
 
 ATOL = 1e-4
