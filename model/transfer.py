@@ -91,9 +91,10 @@ class _PinnedStage:
             for p in parts:
                 np.copyto(host[start:start + p.shape[0]], p, casting="unsafe")
                 start += p.shape[0]
-            out = self.buf[:n].view(shape).to(device, non_blocking=True)
-            self.done = torch.cuda.Event()
-            self.done.record()
+            with torch.cuda.device(device):  # the event must follow the copy's stream, on its device
+                out = self.buf[:n].view(shape).to(device, non_blocking=True)
+                self.done = torch.cuda.Event()
+                self.done.record()
             return out
 
 
