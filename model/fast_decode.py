@@ -613,38 +613,26 @@ class FastDecoder:
         self.count.add_(emit.long())
         self.pos.copy_(torch.clamp(self.pos + n_valid, max=self.cap))
 
-    def _body_or_eager(self, kind: str, pb: int, sb: int, width: int = 1) -> None:
-        """``_body``; if the compiled kernels fail (their compile runs at first call), go eager and run again.
+    def _or_eager(self, step: Callable[..., None], *args: object) -> None:
+        """``step(*args)`` (a graph body or an eager multi-token step); if the compiled kernels fail (their
+        compile runs at first call), go eager and run it again.
 
         A retry is safe: a failing compiled helper has written nothing, and the steps before it only write the
         same K/V values at the same slots again; positions and tokens change at the very end of a step.
         """
         if self.kernels != "compiled":
-            self._body(kind, pb, sb, width)
+            step(*args)
             return
         try:
-            self._body(kind, pb, sb, width)
+            step(*args)
         except Exception as exc:  # noqa: BLE001 - a missing compiler or an Inductor bug costs speed, not answers
             self._eager_kernels(f"{type(exc).__name__}: {exc}")
-            self._body(kind, pb, sb, width)
+            step(*args)
 
     def _eager_kernels(self, reason: str) -> None:
         log.warning("fast decode: compiled kernels failed (%s); using eager kernels", reason.splitlines()[0])
         self.kernels, self.kernels_reason = "eager", reason
         self._fused = self._multi = _Elementwise.eager()
-
-    def _multi_or_eager(self, step: Callable[..., None], *args: object) -> None:
-        """An eager multi-token step with the shape-generic compiled kernels; if they fail to compile, go eager
-        and run it again (a compile fails before its kernel writes anything; earlier layers only write the
-        same K/V again)."""
-        if self._multi.rms is _rms:
-            step(*args)
-            return
-        try:
-            step(*args)
-        except Exception as exc:  # noqa: BLE001 - a missing compiler or an Inductor bug costs speed, not answers
-            self._eager_kernels(f"{type(exc).__name__}: {exc}")
-            step(*args)
 
     def _body(self, kind: str, pb: int, sb: int, width: int = 1) -> None:
         if kind == "decode":
@@ -679,7 +667,7 @@ class FastDecoder:
         when graphed."""
         pb, sb = self._cur_pb, self._sb(need)
         if not self.use_graphs:
-            self._body_or_eager(kind, pb, sb, width)
+            self._or_eager(self._body, kind, pb, sb, width)
             return
         key = (kind, pb, sb, width)
         graph = self._graphs.get(key)
@@ -701,7 +689,7 @@ class FastDecoder:
         with _CAPTURE_LOCK:
             with torch.cuda.stream(stream):
                 for _ in range(2):
-                    self._body_or_eager(kind, pb, sb, width)  # the first call compiles (outside the capture)
+                    self._or_eager(self._body, kind, pb, sb, width)  # the first call compiles (outside the capture)
                     self.pos.copy_(saved[0])
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
@@ -760,11 +748,11 @@ class FastDecoder:
         pack: list[tuple[int, torch.Tensor]] = []
         for item in items:
             if pack and sum(e.shape[0] for _, e in pack) + item[1].shape[0] > max_tokens:
-                self._multi_or_eager(self._prefill_pack, pack)
+                self._or_eager(self._prefill_pack, pack)
                 pack = []
             pack.append(item)
         if pack:
-            self._multi_or_eager(self._prefill_pack, pack)
+            self._or_eager(self._prefill_pack, pack)
 
     def _prefill_pack(self, pack: list[tuple[int, torch.Tensor]]) -> None:
         kvh, d, nh, ops = self.kvh, self.d, self.nh, self._multi
@@ -910,7 +898,7 @@ class FastDecoder:
                 if wide <= self.Linj:
                     self._launch("ragged", need, self._wb(wide))
                 else:  # wider than the injection graph: an eager step at this width
-                    self._multi_or_eager(self._forward, buf[:, :wide], self.rag_nvalid, self.rag_emit,
+                    self._or_eager(self._forward, buf[:, :wide], self.rag_nvalid, self.rag_emit,
                                          self._cur_pb, self._sb(need))
                 stats.inject_steps += 1
                 for s in range(B):
@@ -965,7 +953,7 @@ class FastDecoder:
                 emb[s, : r.embeds.shape[0]] = r.embeds.to(self.device, self.dtype)
             n_valid = torch.tensor(used, device=self.device)
             emit = torch.ones(B, dtype=torch.bool, device=self.device)
-            self._multi_or_eager(self._forward, emb, n_valid, emit, self._cur_pb, self._sb(width))
+            self._or_eager(self._forward, emb, n_valid, emit, self._cur_pb, self._sb(width))
         prev = self._post()
         if self.device.type == "cuda":
             prev.tokens()

@@ -50,14 +50,14 @@ class Sam2EncoderGraphs:
         key = (tuple(g.shape), g.dtype, g.device)
         entry = self.entries.get(key)
         if entry is None:
-            entry = self._capture(g)
+            entry = self._capture(key, g)
             if entry is None:
                 return None
         entry.inputs.copy_(g)
         entry.graph.replay()
         return [t.clone() for t in entry.outputs]  # the next replay overwrites the static outputs
 
-    def _capture(self, g: torch.Tensor) -> _Entry | None:
+    def _capture(self, key: tuple, g: torch.Tensor) -> _Entry | None:
         from .fast_decode import _CAPTURE_LOCK  # one capture at a time in the process
 
         try:
@@ -78,5 +78,5 @@ class Sam2EncoderGraphs:
                         self.disabled_reason.splitlines()[0])
             return None
         entry = _Entry(graph, inputs, list(outputs))
-        self.entries[(tuple(g.shape), g.dtype, g.device)] = entry
+        self.entries[key] = entry
         return entry

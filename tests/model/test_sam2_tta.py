@@ -50,16 +50,6 @@ def scope(views: int, seed: int = 0) -> TerraScope:
     return sharp(tiny_scope(seed, sam2_tta=views))
 
 
-def ref_maps(model: TerraScopeModel, g: torch.Tensor) -> list[torch.Tensor]:
-    """The pre-TTA encode: vision encoder, conv_s0/s1, no-memory embedding."""
-    sam = model.grounding_encoder
-    maps = list(sam.vision_encoder(g).fpn_hidden_states)
-    maps[0] = sam.mask_decoder.conv_s0(maps[0])
-    maps[1] = sam.mask_decoder.conv_s1(maps[1])
-    maps[-1] = maps[-1] + sam.no_memory_embedding.reshape(1, -1, 1, 1)
-    return maps
-
-
 def ref_multimask(model: TerraScopeModel, maps: list[torch.Tensor], prompt: torch.Tensor):
     """The pre-TTA decode, all three multimask outputs: (logits [B,3,s,s], IoU [B,3], object score [B,1])."""
     sam = model.grounding_encoder
@@ -84,7 +74,7 @@ def expected_tta(model: TerraScopeModel, g: np.ndarray, prompt: torch.Tensor, na
     lows, ious, objs = [], [], []
     for name, undo in zip(names, undo_as or names):
         fwd, inv = NP_VIEWS[name][0], NP_VIEWS[undo][1]
-        maps = ref_maps(model, torch.from_numpy(np.ascontiguousarray(fwd(g))))
+        maps = model._sam2_maps(torch.from_numpy(np.ascontiguousarray(fwd(g))))
         low, iou, obj = ref_multimask(model, maps, prompt)
         lows.append(np.ascontiguousarray(inv(low.numpy())))
         ious.append(iou.numpy())
@@ -160,7 +150,7 @@ def test_one_view_is_the_previous_code_bit_for_bit():
     g = torch.from_numpy(frames(2, 256, seed=1))
     prompt = torch.randn(2, 32, generator=torch.Generator().manual_seed(2))
     feats = model.sam2_encode(g)
-    want = ref_maps(model, g)
+    want = model._sam2_maps(g)
     assert feats.views == 1 and len(feats.image_embeddings) == 3
     assert all(torch.equal(a, b) for a, b in zip(feats.image_embeddings, want))
     dec = model.sam2_decode(feats, prompt)
