@@ -12,6 +12,8 @@
 #                         stage 3 with frozen, cached encoders), which starts from phase 1's export
 #   SEG_BUDGET_S=480      wall-clock budget of phase 3 (configs/terrascope-mini-seg.json: SAM-2 on RES pairs
 #                         with flips/rot90, then stage 5 with frozen, cached encoders), from the current export
+#   AUG_BUDGET_S=460      wall-clock budget of phase 4 (configs/terrascope-mini-seg-aug.json: phase 3 with
+#                         scale crops and radiometric jitter of the SAM-2 inputs), from the current export
 #   PHASES="1 2 3"        which phases to run (each continues from the previous export; phase 3 uses the
 #                         extra fAIr tiles that model.data.extra adds to the pack, see docs/TRAINING.md)
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
@@ -24,6 +26,7 @@ PACK=${PACK:-.carry/terra-cot-pack}
 BUDGET=${TIME_BUDGET_S:-360}
 CONTINUE_BUDGET=${CONTINUE_BUDGET_S:-270}
 SEG_BUDGET=${SEG_BUDGET_S:-480}
+AUG_BUDGET=${AUG_BUDGET_S:-460}
 PHASES=${PHASES:-1 2 3}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
@@ -75,6 +78,7 @@ for phase in $PHASES; do
     1) RUN=${RUN_DIR:-out/terrascope-mini}; train "$CONFIG" "$BUDGET" "$RUN" "$@" ;;
     2) RUN=${RUN_DIR:-out/terrascope-mini}-continue; train configs/terrascope-mini-continue.json "$CONTINUE_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     3) RUN=${RUN_DIR:-out/terrascope-mini}-seg; train configs/terrascope-mini-seg.json "$SEG_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    4) RUN=${RUN_DIR:-out/terrascope-mini}-seg-aug; train configs/terrascope-mini-seg-aug.json "$AUG_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

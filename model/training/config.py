@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from model.training.augment import Sam2Augment
+
 #: Parameter groups a stage may train. Names map onto model submodules in ``training.params``.
 GROUPS = ("vision", "projector", "llm", "llm_embed", "sam2_image_encoder", "sam2_prompt_encoder",
           "sam2_mask_decoder", "seg_projector")
@@ -56,6 +58,12 @@ class StageConfig:
     max_grad_norm: float = 1.0
     cache_frozen: bool = True  # run a frozen ViT / SAM-2 image encoder once per image, not every step
     sam2_dihedral: bool = False  # random flip/rot90 of each SAM-2 input and its mask targets (trained encoder)
+    sam2_photometric: float = 0.0  # max relative jitter of brightness, contrast, saturation of SAM-2 inputs
+    sam2_crop_min_side: float = 1.0  # random square crops of SAM-2 inputs and masks, side >= this share
+
+    @property
+    def sam2_augment(self) -> Sam2Augment:
+        return Sam2Augment(self.sam2_dihedral, self.sam2_photometric, self.sam2_crop_min_side)
 
 
 @dataclass
@@ -126,6 +134,11 @@ def _stage(d: Any, i: int) -> StageConfig:
         raise ConfigError(f"{where}: give max_steps, epochs or time_fraction")
     if not 0.0 <= st.ground_prob <= 1.0 or not 0.0 <= st.ground_jitter < 0.5:
         raise ConfigError(f"{where}: ground_prob must be in [0,1] and ground_jitter in [0,0.5)")
+    if not 0.0 <= st.sam2_photometric < 1.0 or not 0.1 <= st.sam2_crop_min_side <= 1.0:
+        raise ConfigError(f"{where}: sam2_photometric must be in [0,1) and sam2_crop_min_side in [0.1,1]")
+    if st.sam2_augment.active and "sam2_image_encoder" not in st.train:
+        raise ConfigError(f"{where}: SAM-2 input augmentation needs 'sam2_image_encoder' in train (a frozen "
+                          "encoder is cached once per image)")
     return st
 
 

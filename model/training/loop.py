@@ -343,7 +343,7 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
         sampler = StageSampler(examples, stage, cfg.seed * 1000 + si * 17 + d.rank, length=lambda ex: lengths[ex.id])
         rng = np.random.default_rng(cfg.seed * 7919 + si * 31 + d.rank)
         fwd.seg_weight = stage.seg_loss_weight
-        fwd.sam2_dihedral = stage.sam2_dihedral
+        fwd.sam2_augment = stage.sam2_augment
         cache_vit = not ({"vision"} & set(stage.train)) and stage.cache_frozen
         cache_sam = "sam2_image_encoder" not in stage.train and stage.cache_frozen
         step, elapsed_before = 0, 0.0

@@ -18,6 +18,7 @@ from model.modeling_terrascope import Sam2Features, TerraScopeModel, pixel_shuff
 from model.preprocess import IMAGENET_MEAN, IMAGENET_STD, SAM2_MEAN, SAM2_STD
 from model.transfer import normalize_pixels
 
+from .augment import Sam2Augment
 from .data import Example, ExampleBuilder
 from .losses import IGNORE_INDEX, dice_bce_per_mask, dice_loss, mask_iou
 
@@ -203,20 +204,6 @@ def collate(examples: list[Example], banks: Banks, builder: ExampleBuilder, grou
 
 
 # ---- SAM-2 decode (training variant) ----------------------------------------------------------------------------
-def dihedral(x: torch.Tensor, ks: torch.Tensor, dims: tuple[int, int]) -> torch.Tensor:
-    """Item i turned by ``ks[i] % 4`` quarter turns, then mirrored when ``ks[i] >= 4`` (square images only).
-
-    Why: the SAM-2 side sees few distinct building tiles; the 8 symmetries of a nadir tile are as real as the
-    tile, and a mask turned with its image stays its ground truth. The LLM side keeps the untouched view.
-    """
-    out = []
-    for item, k in zip(x, ks.tolist()):
-        d = (dims[0] - 1, dims[1] - 1)  # the item has lost the batch axis
-        y = torch.rot90(item, k % 4, d)
-        out.append(torch.flip(y, (d[1],)) if k >= 4 else y)
-    return torch.stack(out) if out else x
-
-
 def decode_all(model: TerraScopeModel, feats: Sam2Features, prompt: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Like ``TerraScopeModel.sam2_decode`` but keeps all three multimask outputs for the loss.
@@ -251,7 +238,7 @@ class TrainingForward(nn.Module):
         self.banks = banks  # not a module: tensors only
         self.seg_weight = 0.5
         self.aux_weight = 0.5
-        self.sam2_dihedral = False  # StageConfig.sam2_dihedral, set per stage by the loop
+        self.sam2_augment = Sam2Augment()  # StageConfig.sam2_augment, set per stage by the loop
 
     def encode(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """(flat visual tokens [N, H], last-layer hidden states [B, L, H]) for a batch."""
@@ -293,9 +280,8 @@ class TrainingForward(nn.Module):
                 feats = Sam2Features([e[batch.sam_rows] for e in self.banks.sam_cache], self.banks.sam_pe)
             else:
                 pixels = self.banks.sam[batch.sam_rows]
-                if self.training and self.sam2_dihedral:
-                    ks = torch.randint(0, 8, (pixels.shape[0],), device=pixels.device)
-                    pixels, target = dihedral(pixels, ks, (1, 2)), dihedral(target, ks[batch.seg_frame], (1, 2))
+                if self.training and self.sam2_augment.active:
+                    pixels, target = self.sam2_augment(pixels, target, batch.seg_frame)
                 feats = m.sam2_encode(normalize_pixels(pixels, SAM2_MEAN, SAM2_STD), views=1)
             per_seg = Sam2Features([e[batch.seg_frame] for e in feats.image_embeddings], feats.image_pe)
             low, iou_pred, obj = decode_all(m, per_seg, prompt)

@@ -95,7 +95,8 @@ def write_dataset(root: Path, n_scenes: int = 6, seed: int = 0) -> Path:
 def write_config(path: Path, data: Path, out: Path, **stage_over) -> Path:
     stage1 = {"name": "stage1_res", "kinds": ["res"], "batch_size": 2, "max_steps": 2, "lr": 1e-3,
               "train": ["vision", "projector", "llm", "llm_embed", "sam2_image_encoder", "sam2_prompt_encoder",
-                        "sam2_mask_decoder", "seg_projector"], "sam2_dihedral": True}
+                        "sam2_mask_decoder", "seg_projector"], "sam2_dihedral": True,
+              "sam2_photometric": 0.2, "sam2_crop_min_side": 0.6}
     stage2 = {"name": "stage2_sft", "kinds": ["res", "l1", "l2", "cap"], "batch_size": 2, "max_steps": 2,
               "lr": 1e-3, "train": ["projector", "sam2_mask_decoder", "seg_projector"],
               "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "ground_prob": 0.5, "ground_jitter": 0.1}

@@ -219,7 +219,7 @@ def test_export_shards_under_the_cap_and_loads(tmp_path):
 
 def test_dihedral_turns_image_and_mask_together():
     """All 8 symmetries are distinct, and a mask made from the image stays the mask of the turned image."""
-    from model.training.step import dihedral
+    from model.training.augment import dihedral
 
     img = torch.zeros(8, 6, 6, 3, dtype=torch.uint8)
     img[:, 0, 1:4, 0] = 200  # an asymmetric L-shape in channel 0
@@ -230,3 +230,71 @@ def test_dihedral_turns_image_and_mask_together():
     assert torch.equal((turned[..., 0] > 0).to(torch.uint8), turned_mask)
     assert len({bytes(t.flatten().tolist()) for t in turned_mask}) == 8
     assert torch.equal(turned[0], img[0]) and torch.equal(turned[2], img[2].flip(0).flip(1))
+
+
+def _frames_with_masks(n: int = 6, size: int = 64, tsize: int = 16, seed: int = 0):
+    """uint8 frames whose red channel is 200 exactly on blocky objects, and those objects as [n, tsize, tsize]
+    masks: whatever a transform does to a frame, red > 100 must stay its mask."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = (torch.rand(n, tsize // 4, tsize // 4, generator=g) > 0.6).float()
+    mask = coarse.repeat_interleave(4, 1).repeat_interleave(4, 2)  # objects of 4x4 mask pixels
+    img = torch.randint(0, 90, (n, size, size, 3), dtype=torch.uint8, generator=g)
+    up = mask.repeat_interleave(size // tsize, 1).repeat_interleave(size // tsize, 2).bool()
+    img[..., 0][up] = 200
+    return img, mask
+
+
+def test_scale_crop_moves_masks_with_their_frames_and_keeps_most_of_each_mask():
+    from model.training.augment import MIN_KEPT, scale_crop
+
+    img, mask = _frames_with_masks()
+    seg_frame = torch.arange(img.shape[0])
+    cropped, cmask = scale_crop(img, mask, seg_frame, 0.5, torch.Generator().manual_seed(1))
+    assert cropped.shape == img.shape and cropped.dtype == torch.uint8 and cmask.shape == mask.shape
+    assert not torch.equal(cropped, img)  # at least one frame was cropped
+    changed = 0
+    for f in range(img.shape[0]):
+        if torch.equal(cropped[f], img[f]):
+            continue
+        changed += 1
+        # the mask, upsampled to the frame, still sits where the red objects are (bilinear edges aside)
+        up = torch.nn.functional.interpolate(cmask[f][None, None], size=img.shape[1:3], mode="nearest")[0, 0]
+        red = cropped[f, ..., 0] > 100
+        agree = ((up > 0.5) == red).float().mean()
+        assert agree > 0.9, float(agree)
+        # zooming in: the crop holds a share >= MIN_KEPT of the object pixels, at a larger scale
+        assert cmask[f].sum() >= MIN_KEPT * mask[f].sum() * 0.9
+    assert changed >= 2
+    # a frame whose crop would cut away most of its only object stays whole
+    one = torch.zeros(1, 16, 16)
+    one[0, :2, :2] = 1
+    px = torch.zeros(1, 64, 64, 3, dtype=torch.uint8)
+    for seed in range(20):
+        out_px, out_m = scale_crop(px, one, torch.zeros(1, dtype=torch.long), 0.3, torch.Generator().manual_seed(seed))
+        assert out_m.sum() >= MIN_KEPT * one.sum()
+
+
+def test_photometric_jitter_changes_radiometry_not_geometry():
+    from model.training.augment import photometric
+
+    img, _ = _frames_with_masks(seed=3)
+    assert photometric(img, 0.0) is img
+    out = photometric(img, 0.3, torch.Generator().manual_seed(0))
+    assert out.dtype == torch.uint8 and out.shape == img.shape and not torch.equal(out, img)
+    # bright objects stay the brightest red pixels of their frame: the mask is still readable from the image
+    for f in range(img.shape[0]):
+        obj = img[f, ..., 0] == 200
+        if obj.any() and (~obj).any():
+            assert out[f, ..., 0][obj].float().mean() > out[f, ..., 0][~obj].float().mean()
+
+
+def test_sam2_augmentation_needs_a_trained_encoder(tmp_path):
+    from model.training.config import ConfigError, _stage
+
+    base = {"name": "s", "kinds": ["res"], "train": ["sam2_mask_decoder"], "max_steps": 1}
+    with pytest.raises(ConfigError, match="sam2_image_encoder"):
+        _stage({**base, "sam2_photometric": 0.2}, 0)
+    with pytest.raises(ConfigError, match="sam2_crop_min_side"):
+        _stage({**base, "train": ["sam2_image_encoder"], "sam2_crop_min_side": 1.5}, 0)
+    st = _stage({**base, "train": ["sam2_image_encoder"], "sam2_crop_min_side": 0.6, "sam2_photometric": 0.2}, 0)
+    assert st.sam2_augment.active and st.sam2_augment.crop_min_side == 0.6
