@@ -66,6 +66,7 @@ class Prediction:
     error: str | None = None
     measured_choice: str | None = None  # option letter the masks support (worker/resolve.py), if any
     measured_quantity: str | None = None
+    gt_ious: list[tuple[str, float]] = field(default_factory=list)  # (ground-truth label, best IoU) per gt mask
 
 
 def worker_roles(roles: list[str]) -> list[str]:
@@ -87,27 +88,24 @@ def resize_nearest(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return mask[np.ix_(rows, cols)]
 
 
-def item_iou(item: BenchItem, masks: list[tuple[int, np.ndarray]]) -> float | None:
-    if not item.gt_masks:
-        return None
+def gt_ious(item: BenchItem, masks: list[tuple[int, np.ndarray]]) -> list[tuple[str, float]]:
+    """(label, best IoU with any predicted mask) for each ground-truth mask of the item."""
     from model.data.store import load_mask
 
     preds = [m for _, m in masks]
-    scores = []
-    for gt in item.gt_masks:
-        g = load_mask(gt.path)
-        scores.append(max((iou(g, p) for p in preds), default=0.0))
-    return float(np.mean(scores))
+    return [(gt.label, max((iou(load_mask(gt.path), p) for p in preds), default=0.0)) for gt in item.gt_masks]
 
 
 def score(item: BenchItem, raw: RawAnswer, grounding: bool, injection: str) -> Prediction:
     choice = extract_choice(raw.text)
     measured = raw.measured if isinstance(raw.measured, dict) else {}
     letter = measured.get("choice")
+    per_gt = gt_ious(item, raw.masks)
     return Prediction(item.id, item.task, grounding, injection, item.answer, choice,
-                      bool(item.answer) and choice == item.answer.upper(), item_iou(item, raw.masks), len(raw.masks),
+                      bool(item.answer) and choice == item.answer.upper(),
+                      float(np.mean([s for _, s in per_gt])) if per_gt else None, len(raw.masks),
                       raw.seconds, raw.text, raw.error, str(letter).upper() if letter else None,
-                      measured.get("quantity"))
+                      measured.get("quantity"), per_gt)
 
 
 def measured_predictions(preds: list[Prediction]) -> list[Prediction]:
@@ -279,6 +277,8 @@ class Summary:
     errors: int
     mean_seconds: float
     resolved: int | None = None  # measured mode: questions the worker resolved (the others count as wrong)
+    per_label_iou: dict[str, float] = field(default_factory=dict)  # ground-truth mask label -> mean best IoU
+    label_counts: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -296,6 +296,11 @@ def summarize(preds: list[Prediction], measured: bool = False) -> Summary:
                     for t in order if any(p.iou is not None for p in by_task[t])}
     corr = [p.iou for p in preds if p.iou is not None and p.correct]
     inc = [p.iou for p in preds if p.iou is not None and not p.correct]
+    by_label: dict[str, list[float]] = defaultdict(list)
+    for p in preds:
+        for label, value in p.gt_ious:
+            by_label[label].append(value)
+    labels = sorted(by_label, key=lambda k: (-len(by_label[k]), k))
     return Summary(
         n=len(preds), per_task=per_task, macro_accuracy=float(np.mean(list(per_task.values()))) if per_task else 0.0,
         micro_accuracy=float(np.mean([p.correct for p in preds])) if preds else 0.0,
@@ -305,4 +310,6 @@ def summarize(preds: list[Prediction], measured: bool = False) -> Summary:
         errors=sum(p.error is not None for p in preds),
         mean_seconds=float(np.mean([p.seconds for p in preds])) if preds else 0.0,
         resolved=sum(bool(p.choice) for p in preds) if measured else None,
+        per_label_iou={k: float(np.mean(by_label[k])) for k in labels},
+        label_counts={k: len(by_label[k]) for k in labels},
     )

@@ -46,6 +46,12 @@ def markdown(title: str, runs: dict[str, Summary], meta: dict) -> str:
                      f"{_f(s.mean_iou)} (correct answers {_f(s.iou_correct)}, incorrect {_f(s.iou_incorrect)}), "
                      f"{s.errors} errors, {s.mean_seconds:.2f} s per question{resolved}")
     lines.append("")
+    if first.per_label_iou:
+        lines += [f"Mask IoU per ground-truth label ({labels[0]} run; the best IoU of any [SEG] mask with each "
+                  "ground-truth mask, averaged over the masks of that label):", "",
+                  "| ground-truth label | masks | mean IoU |", "|---|---|---|"]
+        lines += [f"| {k} | {first.label_counts.get(k, 0)} | {_f(v)} |" for k, v in first.per_label_iou.items()]
+        lines.append("")
     if "measured" in runs:
         lines.append("*measured*: the option that the worker's own measurements of the grounded run's masks support "
                      "(`done.measured_choice`, worker/resolve.py: coverage, area, count, distance, adjacency, change "

@@ -99,7 +99,7 @@ def _tiny_bench(tmp: Path) -> Path:
     for i, (task, n) in enumerate([("CA", 4), ("CA", 4), ("COUNT", 4), ("BRD", 2)]):
         rows.append({"id": f"q{i}", "task": task, "images": [{"path": "img.tif", "role": "optical"}],
                      "question": "?", "choices": [f"{L}. {k}" for k, L in enumerate("ABCD"[:n])], "answer": "B",
-                     "gt_masks": [{"path": "gt.png", "label": "x"}]})
+                     "gt_masks": [{"path": "gt.png", "label": "y" if i == 2 else "x"}]})
     (tmp / "bench.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     half = np.zeros((8, 8), bool)
     half[:2] = True  # IoU 0.5 with gt
@@ -137,6 +137,10 @@ def test_scoring_recorded_outputs(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert last["mean_iou"] == pytest.approx((1.0 + 0.5 + 0.0 + 1.0) / 4)
     res = json.loads((out / "results.json").read_text())["runs"]["grounded"]
     assert res["iou_correct"] == pytest.approx(0.5) and res["iou_incorrect"] == pytest.approx(0.75)
+    # IoU per ground-truth label: "x" masks got 1, 0.5 and 1; the one "y" mask had no prediction
+    assert res["per_label_iou"] == {"x": pytest.approx(2.5 / 3), "y": 0.0}
+    assert res["label_counts"] == {"x": 3, "y": 1}
+    assert "| x | 3 | 0.833 |" in (out / "report.md").read_text()
     assert (out / "plot.png").stat().st_size > 10_000 and "| CA (coverage percentage) | 2 |" in \
         (out / "report.md").read_text()
     # the measured mode: the worker's measured choices of the grounded run, unresolved questions wrong
