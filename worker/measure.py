@@ -37,6 +37,7 @@ __all__ = [
     "geodesic_area_perimeter",
     "grounding_text",
     "label_objects",
+    "sieve",
     "mask_polygons",
     "measure_file",
     "measure_mask",
@@ -248,6 +249,26 @@ def label_objects(mask: Any) -> tuple[np.ndarray, int]:
         return np.zeros(m.shape, np.int32), 0
     labels, n = ndimage.label(m, structure=CONNECTIVITY8, output=np.int32)
     return labels, int(n)
+
+
+#: Objects smaller than this share of the model's image grid are removed from predicted masks (``sieve``):
+#: 32 px of a 256 px tile, 128 px of a 512 px one. On the training tiles 2.5 % of the true buildings are that
+#: small (most cut by the tile edge), while the predicted masks' extra objects are mostly specks of this size
+#: left by upsampling the decoder's 128 x 128 logits; counting them made most counts wrong.
+SIEVE_SHARE = 1 / 2048
+
+
+def sieve(mask: Any, min_px: int | None = None) -> np.ndarray:
+    """The mask without its 8-connected objects of fewer than ``min_px`` pixels (GDAL sieve on the foreground;
+    holes stay). ``min_px`` defaults to ``SIEVE_SHARE`` of the mask's pixels: call it on the model's grid."""
+    m = _as_mask(mask)
+    limit = max(1, round(SIEVE_SHARE * m.size)) if min_px is None else int(min_px)
+    if limit <= 1 or not m.any():
+        return m
+    labels, n = label_objects(m)
+    small = np.bincount(labels.ravel(), minlength=n + 1) < limit
+    small[0] = True  # background stays background
+    return ~small[labels]
 
 
 def object_polygons(mask: Any, georef: Georef, simplify: bool = False) -> list[shapely.Geometry]:

@@ -474,7 +474,7 @@ class WorkerService:
 
     def _answer(self, job: Job, push: zmq.Socket) -> tuple[AnswerResult, list[dict], float, tuple[list, list]]:
         """The model's result, the measured steps, the preparation time, and (steps, images) for resolve."""
-        from worker.measure import RasterError, grounding_text, measure_mask
+        from worker.measure import RasterError, grounding_text, measure_mask, sieve
         from worker.raster import mask_to_request_grid
         from worker.resolve import MeasuredImage, MeasuredStep
 
@@ -490,8 +490,9 @@ class WorkerService:
             if step.step not in measured:
                 prep = prepared[step.image_index]
                 valid = mask_to_request_grid(prep.valid, prep)
-                # what is sent is what is measured: no mask pixel on nodata
-                mask = mask_to_request_grid(step.mask, prep) & valid
+                # what is sent is what is measured: no mask pixel on nodata, no decoder speck (on the model grid)
+                model_mask = sieve(step.mask) if req.sieve else step.mask
+                mask = mask_to_request_grid(model_mask, prep) & valid
                 try:
                     m = measure_mask(mask, prep.georef, valid)
                     measured[step.step] = (mask, m.to_dict() | {"grounding": grounding_text(m)})

@@ -52,6 +52,7 @@ class AskRequest:
     options: list[str] | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     measure_grounding: bool = False
+    sieve: bool = True  # drop predicted specks below measure.SIEVE_SHARE of the model grid before measuring
     client_heartbeat_s: float | None = None
     forced_prefix: str | None = None  # teacher-forced start of the reply (tests, demos)
     windows: WindowSettings = field(default_factory=WindowSettings)  # sliding-window mode (settings.windows)
@@ -282,6 +283,9 @@ def validate_ask(
     grounding = header.get("measure_grounding", False)
     if not isinstance(grounding, bool):
         raise _err(P.BAD_FIELD, "'measure_grounding' must be true or false", rid)
+    sieve = header.get("sieve", True)
+    if not isinstance(sieve, bool):
+        raise _err(P.BAD_FIELD, "'sieve' must be true or false", rid)
     hb = header.get("client_heartbeat_s")
     if hb is not None:
         hb = float(_number(hb, "client_heartbeat_s", rid, 0.05, 60.0))
@@ -298,5 +302,6 @@ def validate_ask(
         windows=_windows(header["settings"].get("windows") if isinstance(header.get("settings"), dict) else None,
                          rid),
         measure_grounding=grounding,
+        sieve=sieve,
         client_heartbeat_s=hb,
     )

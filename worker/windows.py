@@ -31,7 +31,7 @@ import numpy as np
 
 from model.types import AnswerResult, ImageInput, MaskStep
 from qgis_plugin import protocol as P
-from worker.measure import Georef, RasterError, count_objects, grounding_text, measure_mask
+from worker.measure import Georef, RasterError, count_objects, grounding_text, measure_mask, sieve
 from worker.raster import (
     PreparedRaster,
     TileWindow,
@@ -383,7 +383,8 @@ class WindowedRun:
         def window_mask(step: MaskStep) -> np.ndarray:
             if step.step not in on_grid:
                 p = prepared[step.image_index]
-                on_grid[step.step] = resize_nearest(mask_to_request_grid(step.mask, p), (win.height, win.width))
+                model_mask = sieve(step.mask) if req.sieve else step.mask  # specks go on the model grid
+                on_grid[step.step] = resize_nearest(mask_to_request_grid(model_mask, p), (win.height, win.width))
             return on_grid[step.step]
 
         def on_token(text: str) -> None:

@@ -226,3 +226,25 @@ def test_bad_masks_get_clear_errors():
     assert err4.value.code == "bad_crs"
     empty = measure_mask(np.zeros((0, 0), bool), UTM)
     assert empty.area_px == 0 and empty.count == 0
+
+
+def test_sieve_removes_specks_keeps_objects_and_holes() -> None:
+    from worker.measure import SIEVE_SHARE, sieve
+
+    m = np.zeros((256, 256), bool)
+    m[10:60, 10:60] = True
+    m[30:40, 30:40] = False  # a hole: sieving is about objects, not holes
+    m[100:104, 100:108] = True  # 32 px, exactly the default limit on a 256 px grid: kept
+    m[200:203, 200:210] = True  # 30 px: a speck
+    m[250, 0] = True  # 1 px
+    assert round(SIEVE_SHARE * m.size) == 32
+    out = sieve(m)
+    assert out.dtype == bool and out.shape == m.shape
+    assert count_objects(out) == 2 and not out[200:203, 200:210].any() and not out[250, 0]
+    assert not out[30:40, 30:40].any() and out[10:60, 10:60].sum() == 2500 - 100
+    assert np.array_equal(sieve(m, 1), m)  # a limit of 1 pixel keeps everything
+    assert count_objects(sieve(m, 101)) == 1
+    # diagonal neighbours are one object (8-connectivity, as count_objects counts)
+    d = np.zeros((64, 64), bool)
+    d[np.arange(10), np.arange(10)] = True
+    assert np.array_equal(sieve(d, 10), d) and not sieve(d, 11).any()

@@ -82,6 +82,35 @@ def test_streaming_order_masks_and_measurements(worker) -> None:
     assert tokens.startswith("<think>")
 
 
+def test_masks_are_sieved_on_the_model_grid_unless_asked_not_to(worker) -> None:
+    """Default: specks under measure.SIEVE_SHARE of the model grid are gone from the mask that is sent and
+    measured; ``"sieve": false`` gives the decoder's raw mask (same model, same forced trace)."""
+    from scipy import ndimage
+
+    speckled = np.random.default_rng(0).integers(0, 255, (3, 256, 256), np.uint8)  # noise: a speckled mask
+    masks = {}
+    for sieve in (True, False):
+        header, arrays = P.build_ask("Where is the bright square?",
+                                     [P.RasterPayload(speckled, GT10, UTM33)],
+                                     settings={"max_new_tokens": 40})
+        header["forced_prefix"] = TWO_SEGS
+        header["sieve"] = sieve
+        rec = Recorder()
+        with worker.client() as c:
+            c.ask(header, arrays, on_event=rec)
+        masks[sieve] = [(ev, arr["mask"].astype(bool)) for ev, arr in rec.of("mask")]
+    specks = 0
+    for (ev, sieved), (_, raw) in zip(masks[True], masks[False]):
+        labels, n = ndimage.label(raw, structure=np.ones((3, 3)))
+        sizes = np.bincount(labels.ravel(), minlength=n + 1)
+        keep = sizes >= 32  # 1/2048 of the 256 x 256 model grid
+        keep[0] = False
+        assert np.array_equal(sieved, keep[labels])
+        assert ev["measurements"]["area_px"] == int(sieved.sum())
+        specks += int((~keep[1:]).sum())
+    assert len(masks[True]) == 2 and specks > 0  # the random-weight model does leave specks to remove
+
+
 def test_masks_come_back_on_the_request_grid_of_a_60_mb_raster(worker) -> None:
     data = np.zeros((3, 4480, 4480), np.uint8)  # 60 MB; the model sees a 256 px view
     data[:, 1000:3000, 500:2500] = 200

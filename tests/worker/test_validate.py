@@ -57,6 +57,7 @@ def test_missing_and_bad_fields() -> None:
     assert _code(*_ask(settings={"beam": 4})) == P.BAD_FIELD
     assert _code(*_ask(settings={"injection": "paint"})) == P.BAD_FIELD
     assert _code(*_ask(measure_grounding="yes")) == P.BAD_FIELD
+    assert _code(*_ask(sieve="no")) == P.BAD_FIELD
     assert _code(*_ask(client_heartbeat_s=0)) == P.BAD_FIELD
 
 
