@@ -14,6 +14,8 @@
 #                         with flips/rot90, then stage 5 with frozen, cached encoders), from the current export
 #   AUG_BUDGET_S=460      wall-clock budget of phase 4 (configs/terrascope-mini-seg-aug.json: phase 3 with
 #                         scale crops and radiometric jitter of the SAM-2 inputs), from the current export
+#   COPY_BUDGET_S=450     wall-clock budget of phase 5 (configs/terrascope-mini-copy.json: cached SFT whose
+#                         traces restate the jittered span's value), from the current export
 #   PHASES="1 2 3"        which phases to run (each continues from the previous export; phase 3 uses the
 #                         extra fAIr tiles that model.data.extra adds to the pack, see docs/TRAINING.md)
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
@@ -27,6 +29,7 @@ BUDGET=${TIME_BUDGET_S:-360}
 CONTINUE_BUDGET=${CONTINUE_BUDGET_S:-270}
 SEG_BUDGET=${SEG_BUDGET_S:-480}
 AUG_BUDGET=${AUG_BUDGET_S:-460}
+COPY_BUDGET=${COPY_BUDGET_S:-450}
 PHASES=${PHASES:-1 2 3}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
@@ -79,6 +82,7 @@ for phase in $PHASES; do
     2) RUN=${RUN_DIR:-out/terrascope-mini}-continue; train configs/terrascope-mini-continue.json "$CONTINUE_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     3) RUN=${RUN_DIR:-out/terrascope-mini}-seg; train configs/terrascope-mini-seg.json "$SEG_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     4) RUN=${RUN_DIR:-out/terrascope-mini}-seg-aug; train configs/terrascope-mini-seg-aug.json "$AUG_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    5) RUN=${RUN_DIR:-out/terrascope-mini}-copy; train configs/terrascope-mini-copy.json "$COPY_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from model import prompting, selection
+from model.data import numbers
 from model.configuration_terrascope import TerraScopeConfig
 from model.preprocess import resize_to, sam2_resize, tile_images
 
@@ -196,6 +197,59 @@ class SegItem:
     grounding: str | None
 
 
+@dataclass(frozen=True)
+class Restatement:
+    """Where a trace restates the measured value of one [SEG]'s span ("... gives 34.0%. The option ...").
+
+    Why: with span jitter, the span says 36.1% while the text still says the true 34.0%, so the model learns
+    to write the answer's value whatever the span says, and at inference ignores the span it is given. The
+    restated value is rewritten from the jittered span, so copying the span is what the target teaches; the
+    option it then names is still the nearest one (jitter < half the 15 % gap between options).
+    """
+
+    piece: int  # index of the text piece holding the value (the one after the [SEG])
+    text: str  # that piece's text
+    value_text: str  # the value as written there ("34.0%", "273 ha", "20")
+    op: str  # "area" | "coverage" | "count"
+    unit: str | None  # area unit of the answer ("ha", "m²")
+
+
+_SPAN_FIELDS = {
+    "area": re.compile(r"area (\d+(?:\.\d+)?) (ha|m²|km²)"),
+    "coverage": re.compile(r"(\d+(?:\.\d+)?)% of valid area"),
+    "count": re.compile(r"(\d+) objects?\b"),
+}
+_AREA_M2 = {"ha": 1e4, "m²": 1.0, "km²": 1e6}
+
+
+def restated_value(span: str, op: str, unit: str | None) -> str | None:
+    """The value a trace writes for ``op``, read from a measurement span; None if the span lacks it."""
+    m = _SPAN_FIELDS[op].search(span)
+    if m is None:
+        return None
+    if op == "area":
+        return numbers.fmt_area(float(m.group(1)) * _AREA_M2[m.group(2)], unit)
+    if op == "coverage":
+        return numbers.fmt_pct(float(m.group(1)))
+    return numbers.fmt_count(int(m.group(1)))
+
+
+def find_restatement(rec: dict, texts: list[str]) -> Restatement | None:
+    """The restated value of a one-mask area/coverage/count record, if its trace writes it after the [SEG]."""
+    check = rec.get("check") or {}
+    op, segs, value = check.get("op"), check.get("segs") or [], check.get("value_text")
+    if op not in _SPAN_FIELDS or len(segs) != 1 or not isinstance(value, str) or len(texts) < segs[0] + 2:
+        return None
+    piece = segs[0] + 1
+    metas = rec.get("seg_masks") or []
+    span = metas[segs[0]].get("grounding") if segs[0] < len(metas) else None
+    # only where the unjittered span gives back the written value: a span rounder than the options (0.01 ha
+    # for 0.0113 ha) would teach copying a value that points at the wrong option
+    if value not in texts[piece] or not isinstance(span, str) or restated_value(span, op, check.get("unit")) != value:
+        return None
+    return Restatement(piece, texts[piece], value, op, check.get("unit"))
+
+
 @dataclass
 class Example:
     """A record tokenised and prepared once; ``sequence()`` assembles the ids (span jitter per draw)."""
@@ -209,6 +263,7 @@ class Example:
     segs: list[SegItem]
     question_ids: list[int]
     image_keys: list[str] = field(default_factory=list)
+    restate: Restatement | None = None
 
     @property
     def n_seg(self) -> int:
@@ -294,7 +349,8 @@ class ExampleBuilder:
         pieces = [self.tok.encode(t) for t in texts]
         pieces[-1] = pieces[-1] + [self.eos_id]
         q_ids = self.tok.encode(rec["question"])
-        ex = Example(rid, rec.get("kind", "?"), rec.get("task", "?"), imgs, prompt_ids, pieces, segs, q_ids, keys)
+        ex = Example(rid, rec.get("kind", "?"), rec.get("task", "?"), imgs, prompt_ids, pieces, segs, q_ids, keys,
+                     find_restatement(rec, texts))
         if self.max_len(ex) > self.max_seq_len:
             raise DataError(f"record {rid}: {self.max_len(ex)} tokens > max_seq_len {self.max_seq_len}")
         return ex
@@ -335,6 +391,7 @@ class ExampleBuilder:
 
     def max_len(self, ex: Example) -> int:
         spans = sum(len(self.tok.encode(s.grounding)) + 8 for s in ex.segs if s.grounding)
+        spans += 4 if ex.restate is not None else 0  # a restated value read from a jittered span
         return len(ex.prompt_ids) + sum(map(len, ex.pieces)) + sum(1 + len(s.local) for s in ex.segs) + spans
 
     def build_all(self, records: list[dict], workers: int = 1) -> tuple[list[Example], list[str]]:
@@ -367,7 +424,9 @@ class ExampleBuilder:
         region_pos: list[int] = []
         region_src: list[tuple[int, int]] = []  # (image, local index)
         seg_pos: list[int] = []
+        rewritten: dict[int, list[int]] = {}  # piece index -> ids with the restated value read from the span
         for k, piece in enumerate(ex.pieces):
+            piece = rewritten.get(k, piece)
             ids += piece
             target += [True] * len(piece)
             if k == ex.n_seg:
@@ -382,9 +441,16 @@ class ExampleBuilder:
                 ids.append(self.region_id)
                 target.append(False)
             if flags[k] and seg.grounding:
-                g = self.tok.encode(jitter_span(seg.grounding, jitter, rng))
+                span = jitter_span(seg.grounding, jitter, rng)
+                g = self.tok.encode(span)
                 ids += g
                 target += [False] * len(g)
+                r = ex.restate
+                if jitter > 0 and r is not None and r.piece == k + 1:
+                    value = restated_value(span, r.op, r.unit)
+                    if value is not None:
+                        new = self.tok.encode(r.text.replace(r.value_text, value, 1))
+                        rewritten[k + 1] = new + [self.eos_id] if r.piece == ex.n_seg else new
         labels = [ids[t + 1] if target[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
         img_pos = [i for i, t in enumerate(ex.prompt_ids) if t == self.img_id]
         return {"ids": ids, "labels": labels, "region_pos": region_pos, "region_src": region_src,

@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-KEEP = ("id", "kind", "task", "images", "question", "choices", "answer", "target", "seg_masks", "split", "scene")
+KEEP = ("id", "kind", "task", "images", "question", "choices", "answer", "target", "seg_masks", "split", "scene",
+        "check")  # check: the restated value of a trace (training.data.find_restatement)
 
 
 def _prepared(src: Path, role: str) -> np.ndarray:

@@ -72,7 +72,8 @@ def write_dataset(root: Path, n_scenes: int = 6, seed: int = 0) -> Path:
             {"id": f"ca{i}", "kind": "l1", "task": "CA", "images": one,
              "question": "What share of the image do buildings cover?", "choices": choices, "answer": answer,
              "target": f"<think>I first identify the buildings [SEG]. They cover {pct:.1f}%.</think>"
-                       f"<answer>{answer}</answer>", "seg_masks": seg, "split": split},
+                       f"<answer>{answer}</answer>", "seg_masks": seg, "split": split,
+             "check": {"op": "coverage", "segs": [0], "value_text": f"{pct:.1f}%"}},
             {"id": f"bce{i}", "kind": "l2", "task": "BCE",
              "images": [{"path": f"images/s{i}.png", "role": "t0"}, {"path": f"images/s{i}b.png", "role": "t1"}],
              "question": "Did the buildings grow?", "choices": ["A. yes", "B. no"], "answer": "A",

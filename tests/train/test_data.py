@@ -166,6 +166,45 @@ def test_jitter_span_scales_numbers():
     assert 5 <= n <= 9 and out.count(".") == span.count(".")
 
 
+def test_restated_value_follows_the_jittered_span(setup):
+    """With span jitter, the value the trace restates is read from the jittered span (copying is what the
+    target teaches); without a span or without jitter the trace is the record's own."""
+    import re
+
+    tok, _, builder, examples, records = setup
+    ex = _by_id(examples, "ca0")
+    rec = next(r for r in records if r["id"] == "ca0")
+    assert ex.restate is not None and ex.restate.op == "coverage" and ex.restate.piece == 1
+    written = rec["check"]["value_text"]
+
+    def text_after_seg(seq: dict) -> str:
+        ids = seq["ids"]
+        seg_at = seq["seg_pos"][0]
+        targets = [ids[t + 1] for t in range(seg_at, len(ids) - 1) if seq["labels"][t] != IGNORE_INDEX]
+        return tok.decode(targets)
+
+    def span_in(seq: dict) -> str:
+        return tok.decode(seq["ids"][seq["seg_pos"][0] + 1:])
+
+    rng = np.random.default_rng(0)
+    assert written in text_after_seg(builder.sequence(ex, False, 0.3, rng))
+    assert builder.sequence(ex, True, 0.0, rng)["ids"] == builder.sequence(ex, True, 0.0, rng)["ids"]
+    assert written in text_after_seg(builder.sequence(ex, True, 0.0, rng))
+    changed = 0
+    for _ in range(10):
+        seq = builder.sequence(ex, True, 0.3, rng)
+        span_pct = re.search(r"(\d+\.\d)% of valid area", span_in(seq)).group(1)
+        after = text_after_seg(seq)
+        assert f"They cover {span_pct}%." in after, after
+        changed += span_pct + "%" != written
+    assert changed >= 5
+    # a record whose span is rounder than the written value gets no restatement
+    from model.training.data import find_restatement
+
+    coarse = {**rec, "seg_masks": [{**rec["seg_masks"][0], "grounding": " [area 0.01 ha, 9.9% of valid area, 1 object]"}]}
+    assert find_restatement(coarse, rec["target"].split("[SEG]")) is None
+
+
 def test_mask_losses():
     from model.training.losses import dice_bce_per_mask, mask_iou
 
