@@ -16,7 +16,7 @@
 #                         scale crops and radiometric jitter of the SAM-2 inputs), from the current export
 #   COPY_BUDGET_S=450     wall-clock budget of phase 5 (configs/terrascope-mini-copy.json: cached SFT whose
 #                         traces restate the jittered span's value), from the current export
-#   PHASES="1 2 3"        which phases to run (each continues from the previous export; phase 3 uses the
+#   PHASES="1 2 3 4"      which phases to run (each continues from the previous export; phase 3 uses the
 #                         extra fAIr tiles that model.data.extra adds to the pack, see docs/TRAINING.md)
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
 #   ARTEFACTS=            if set: copy the model, log, plot and summary there as <= 8 files (device runs)
@@ -30,7 +30,7 @@ CONTINUE_BUDGET=${CONTINUE_BUDGET_S:-270}
 SEG_BUDGET=${SEG_BUDGET_S:-480}
 AUG_BUDGET=${AUG_BUDGET_S:-460}
 COPY_BUDGET=${COPY_BUDGET_S:-450}
-PHASES=${PHASES:-1 2 3}
+PHASES=${PHASES:-1 2 3 4}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
 RUN=${RUN_DIR:-out/terrascope-mini}
