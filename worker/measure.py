@@ -37,7 +37,6 @@ __all__ = [
     "geodesic_area_perimeter",
     "grounding_text",
     "label_objects",
-    "sieve",
     "mask_polygons",
     "measure_file",
     "measure_mask",
@@ -46,6 +45,7 @@ __all__ = [
     "nearest_distance_px",
     "object_polygons",
     "polygon_measurements",
+    "sieve",
 ]
 
 WGS84 = Geod(ellps="WGS84")

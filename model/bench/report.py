@@ -47,8 +47,8 @@ def markdown(title: str, runs: dict[str, Summary], meta: dict) -> str:
                      f"{s.errors} errors, {s.mean_seconds:.2f} s per question{resolved}")
     lines.append("")
     if first.per_label_iou:
-        lines += [f"Mask IoU per ground-truth label ({labels[0]} run; the best IoU of any [SEG] mask with each "
-                  "ground-truth mask, averaged over the masks of that label):", "",
+        lines += [(f"Mask IoU per ground-truth label ({labels[0]} run; the best IoU of any [SEG] mask with each "
+                   "ground-truth mask, averaged over the masks of that label):"), "",
                   "| ground-truth label | masks | mean IoU |", "|---|---|---|"]
         lines += [f"| {k} | {first.label_counts.get(k, 0)} | {_f(v)} |" for k, v in first.per_label_iou.items()]
         lines.append("")

@@ -27,8 +27,8 @@ import numpy as np
 from PIL import Image
 
 from model import prompting, selection
-from model.data import numbers
 from model.configuration_terrascope import TerraScopeConfig
+from model.data import numbers
 from model.preprocess import resize_to, sam2_resize, tile_images
 
 from .losses import IGNORE_INDEX
