@@ -1273,7 +1273,7 @@ def _batch_rows(gen: Generator, questions: Sequence[Question]
     for q, ids in zip(questions, all_ids):
         last_end = len(ids) - 1 - ids[::-1].index(img_end) if img_end in ids else -1
         split = min(last_end + 1 if last_end >= 0 else len(ids) - 1, len(ids) - 1)
-        token = q.ctx.__dict__.setdefault("_ts_prefix_token", object())
+        token = q.ctx.prefix_token
         key = (id(token), tuple(ids[:split]))
         if key not in groups:
             embeds = gen.prompt_embeds(q.ctx, ids)

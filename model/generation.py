@@ -65,6 +65,9 @@ class VisualContext:
     #: image index -> its SAM-2 input resize, started on the host pool when the context is made (CUDA): at the
     #: first [SEG] of a batch of 32 the four 1024-px resizes kept the GPU idle for 37 ms
     sam_frames: dict[int, Future] = field(default_factory=dict)
+    #: identity of this context's image prompt for the fast path's prefix cache (a key that cannot be reused
+    #: by a later context at the same address, as ``id(ctx)`` could)
+    prefix_token: object = field(default_factory=object)
 
     def timings(self) -> dict[str, float]:
         """``timings_ms`` with every pending GPU phase resolved (waits for those phases' end events)."""

@@ -20,6 +20,7 @@ from .modeling_terrascope import TerraScopeModel
 from .preprocess import sam2_resize
 
 _HOST_POOL: ThreadPoolExecutor | None = None
+_HOST_POOL_LOCK = threading.Lock()
 
 
 def host_copy(t: torch.Tensor) -> np.ndarray:
@@ -104,9 +105,10 @@ _STAGE = _PinnedStage()
 def host_pool() -> ThreadPoolExecutor:
     """Threads for host image work (tiling, SAM-2 resizes, big-mask selection): PIL and numpy release the GIL."""
     global _HOST_POOL
-    if _HOST_POOL is None:
-        _HOST_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ts-host")
-    return _HOST_POOL
+    with _HOST_POOL_LOCK:  # requests on several threads may ask first at once: one pool
+        if _HOST_POOL is None:
+            _HOST_POOL = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="ts-host")
+        return _HOST_POOL
 
 
 _UPLOAD_STREAMS: dict[torch.device, torch.cuda.Stream] = {}

@@ -71,29 +71,22 @@ def scale_crop(pixels: torch.Tensor, target: torch.Tensor, seg_frame: torch.Tens
         scale = px // tsize
         return y * scale, x * scale, k * scale
 
+    wins = [window(boxes[f], tsize) for f in frames]  # each mask's crop on the mask grid
+    whole: set[int] = set()
     if frames:  # one host sync for every mask's total and in-crop pixel count
-        inside = []
-        for s, f in enumerate(frames):
-            y, x, k = window(boxes[f], tsize)
-            inside.append(target[s, y:y + k, x:x + k].sum())
-        counts = torch.stack([target.sum((1, 2)), torch.stack(inside)]).tolist()
-    else:
-        counts = [[], []]
-    whole = {f for s, f in enumerate(frames) if counts[0][s] > 0 and counts[1][s] < MIN_KEPT * counts[0][s]}
+        inside = torch.stack([target[s, y:y + k, x:x + k].sum() for s, (y, x, k) in enumerate(wins)])
+        totals, kept = torch.stack([target.sum((1, 2)), inside]).tolist()
+        whole = {f for f, t, k in zip(frames, totals, kept) if t > 0 and k < MIN_KEPT * t}
     out_px, out_t = pixels.clone(), target.clone()
-    for f in range(n):
-        if f in whole:
-            continue
+    for f in set(range(n)) - whole:
         y, x, k = window(boxes[f], size)
         crop = pixels[f, y:y + k, x:x + k].permute(2, 0, 1)[None].to(torch.float32)
         out_px[f] = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False)[0] \
             .permute(1, 2, 0).round().clamp(0, 255).to(pixels.dtype)
-    for s, f in enumerate(frames):
-        if f in whole:
-            continue
-        y, x, k = window(boxes[f], tsize)
-        out_t[s] = F.interpolate(target[s, y:y + k, x:x + k][None, None], size=(tsize, tsize), mode="bilinear",
-                                 align_corners=False)[0, 0]
+    for s, (f, (y, x, k)) in enumerate(zip(frames, wins)):
+        if f not in whole:
+            out_t[s] = F.interpolate(target[s, y:y + k, x:x + k][None, None], size=(tsize, tsize), mode="bilinear",
+                                     align_corners=False)[0, 0]
     return out_px, out_t
 
 
