@@ -1,9 +1,10 @@
 """Augmentation of the SAM-2 side's training inputs: symmetries, scale crops and radiometric jitter.
 
 Why: the SAM-2 side of a small model sees a few hundred real building tiles. Trained on them for many epochs,
-it fits them (train-tile building IoU 0.64) far better than held-back tiles of the same cities (0.43). Each
-transform here makes a view that is as real as the tile: a nadir tile turned or mirrored, the same scene at
-a coarser or finer ground sampling distance, or under other sun, haze and sensor response. Masks move with
+it fits them far better than held-back tiles of the same cities (terrascope-mini's phase 3: train IoU 0.46,
+GT-prompted validation IoU 0.28; docs/TRAINING.md). Each transform here makes a view that is as real as the
+tile: a nadir tile turned or mirrored, the same scene at a coarser or finer ground sampling distance, or under
+other sun, haze and sensor response. Masks move with
 their image, and a crop never drops more than half of a mask, so every target stays the ground truth of its
 view. Only the SAM-2 input changes; the LLM side keeps the untouched image its text was written for.
 """
