@@ -4,9 +4,9 @@ Why: the SAM-2 side of a small model sees a few hundred real building tiles. Tra
 it fits them far better than held-back tiles of the same cities (terrascope-mini's phase 3: train IoU 0.46,
 GT-prompted validation IoU 0.28; docs/TRAINING.md). Each transform here makes a view that is as real as the
 tile: a nadir tile turned or mirrored, the same scene at a coarser or finer ground sampling distance, or under
-other sun, haze and sensor response. Masks move with
-their image, and a crop never drops more than half of a mask, so every target stays the ground truth of its
-view. Only the SAM-2 input changes; the LLM side keeps the untouched image its text was written for.
+other sun, haze and sensor response. Masks move with their image, and a crop never drops more than half of a
+mask, so every target stays the ground truth of its view. Only the SAM-2 input changes; the LLM side keeps the
+untouched image its text was written for.
 """
 
 from __future__ import annotations
