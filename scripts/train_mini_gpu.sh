@@ -16,6 +16,9 @@
 #                         scale crops and radiometric jitter of the SAM-2 inputs), from the current export
 #   COPY_BUDGET_S=450     wall-clock budget of phase 5 (configs/terrascope-mini-copy.json: cached SFT whose
 #                         traces restate the jittered span's value), from the current export
+#   OPTIONS_BUDGET_S=420 wall-clock budget of phase 6 (configs/terrascope-mini-options.json: cached SFT with
+#                         fresh options per draw, letter of the option nearest the jittered span), from the
+#                         current export
 #   PHASES="1 2 3 4"      which phases to run (each continues from the previous export; phase 3 uses the
 #                         extra fAIr tiles that model.data.extra adds to the pack, see docs/TRAINING.md)
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
@@ -30,6 +33,7 @@ CONTINUE_BUDGET=${CONTINUE_BUDGET_S:-270}
 SEG_BUDGET=${SEG_BUDGET_S:-480}
 AUG_BUDGET=${AUG_BUDGET_S:-460}
 COPY_BUDGET=${COPY_BUDGET_S:-450}
+OPTIONS_BUDGET=${OPTIONS_BUDGET_S:-420}
 PHASES=${PHASES:-1 2 3 4}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
@@ -83,6 +87,7 @@ for phase in $PHASES; do
     3) RUN=${RUN_DIR:-out/terrascope-mini}-seg; train configs/terrascope-mini-seg.json "$SEG_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     4) RUN=${RUN_DIR:-out/terrascope-mini}-seg-aug; train configs/terrascope-mini-seg-aug.json "$AUG_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     5) RUN=${RUN_DIR:-out/terrascope-mini}-copy; train configs/terrascope-mini-copy.json "$COPY_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    6) RUN=${RUN_DIR:-out/terrascope-mini}-options; train configs/terrascope-mini-options.json "$OPTIONS_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

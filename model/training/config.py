@@ -55,6 +55,8 @@ class StageConfig:
     seg_loss_weight: float = 0.5  # lambda of Eq. 6
     ground_prob: float = 1.0  # probability that a [SEG] gets its measurement span in the input
     ground_jitter: float = 0.0  # relative noise on the span's numbers (teaches nearest-option choice)
+    option_redraw: float = 0.0  # chance a numeric multiple-choice record gets fresh options (training/options.py)
+    redraw_jitter: float = 0.0  # relative noise on a redrawn record's span; its letter follows the span
     max_grad_norm: float = 1.0
     cache_frozen: bool = True  # run a frozen ViT / SAM-2 image encoder once per image, not every step
     sam2_dihedral: bool = False  # random flip/rot90 of each SAM-2 input and its mask targets (trained encoder)
@@ -134,6 +136,8 @@ def _stage(d: Any, i: int) -> StageConfig:
         raise ConfigError(f"{where}: give max_steps, epochs or time_fraction")
     if not 0.0 <= st.ground_prob <= 1.0 or not 0.0 <= st.ground_jitter < 0.5:
         raise ConfigError(f"{where}: ground_prob must be in [0,1] and ground_jitter in [0,0.5)")
+    if not 0.0 <= st.option_redraw <= 1.0 or not 0.0 <= st.redraw_jitter < 1.0:
+        raise ConfigError(f"{where}: option_redraw must be in [0,1] and redraw_jitter in [0,1)")
     if not 0.0 <= st.sam2_photometric < 1.0 or not 0.1 <= st.sam2_crop_min_side <= 1.0:
         raise ConfigError(f"{where}: sam2_photometric must be in [0,1) and sam2_crop_min_side in [0.1,1]")
     if st.sam2_augment.active and "sam2_image_encoder" not in st.train:

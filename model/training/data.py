@@ -32,6 +32,7 @@ from model.data import numbers
 from model.preprocess import resize_to, sam2_resize, tile_images
 
 from .losses import IGNORE_INDEX
+from .options import OptionPlan, nearest_letter, plan_for, redraw, rewrite
 
 SEG = "[SEG]"
 _LETTER = re.compile(r"^\s*[A-H][.)]\s*")
@@ -234,8 +235,12 @@ def restated_value(span: str, op: str, unit: str | None) -> str | None:
     return numbers.fmt_count(int(m.group(1)))
 
 
-def find_restatement(rec: dict, texts: list[str]) -> Restatement | None:
-    """The restated value of a one-mask area/coverage/count record, if its trace writes it after the [SEG]."""
+def find_restatement(rec: dict, texts: list[str], exact: bool = True) -> Restatement | None:
+    """The restated value of a one-mask area/coverage/count record, if its trace writes it after the [SEG].
+
+    ``exact=False`` also accepts a span rounder than the written value: option redraw names the option
+    nearest whatever the span says, so a coarse span cannot contradict the letter there.
+    """
     check = rec.get("check") or {}
     op, segs, value = check.get("op"), check.get("segs") or [], check.get("value_text")
     if op not in _SPAN_FIELDS or len(segs) != 1 or not isinstance(value, str) or len(texts) < segs[0] + 2:
@@ -245,7 +250,10 @@ def find_restatement(rec: dict, texts: list[str]) -> Restatement | None:
     span = metas[segs[0]].get("grounding") if segs[0] < len(metas) else None
     # only where the unjittered span gives back the written value: a span rounder than the options (0.01 ha
     # for 0.0113 ha) would teach copying a value that points at the wrong option
-    if value not in texts[piece] or not isinstance(span, str) or restated_value(span, op, check.get("unit")) != value:
+    if value not in texts[piece] or not isinstance(span, str):
+        return None
+    restated = restated_value(span, op, check.get("unit"))
+    if restated is None or (exact and restated != value):
         return None
     return Restatement(piece, texts[piece], value, op, check.get("unit"))
 
@@ -264,6 +272,7 @@ class Example:
     question_ids: list[int]
     image_keys: list[str] = field(default_factory=list)
     restate: Restatement | None = None
+    options: OptionPlan | None = None  # options drawn again per draw (model/training/options.py)
 
     @property
     def n_seg(self) -> int:
@@ -349,8 +358,11 @@ class ExampleBuilder:
         pieces = [self.tok.encode(t) for t in texts]
         pieces[-1] = pieces[-1] + [self.eos_id]
         q_ids = self.tok.encode(rec["question"])
+        restate = find_restatement(rec, texts)
+        loose = restate or find_restatement(rec, texts, exact=False)
+        plan = plan_for(rec, loose, len(texts) - 1) if loose is not None else None
         ex = Example(rid, rec.get("kind", "?"), rec.get("task", "?"), imgs, prompt_ids, pieces, segs, q_ids, keys,
-                     find_restatement(rec, texts))
+                     restate, plan)
         if self.max_len(ex) > self.max_seq_len:
             raise DataError(f"record {rid}: {self.max_len(ex)} tokens > max_seq_len {self.max_seq_len}")
         return ex
@@ -392,6 +404,7 @@ class ExampleBuilder:
     def max_len(self, ex: Example) -> int:
         spans = sum(len(self.tok.encode(s.grounding)) + 8 for s in ex.segs if s.grounding)
         spans += 4 if ex.restate is not None else 0  # a restated value read from a jittered span
+        spans += 24 if ex.options is not None else 0  # redrawn options may write longer numbers
         return len(ex.prompt_ids) + sum(map(len, ex.pieces)) + sum(1 + len(s.local) for s in ex.segs) + spans
 
     def build_all(self, records: list[dict], workers: int = 1) -> tuple[list[Example], list[str]]:
@@ -412,19 +425,30 @@ class ExampleBuilder:
         return good, bad
 
     # ---- per draw --------------------------------------------------------------------------------------------
-    def sequence(self, ex: Example, ground: bool | Sequence[bool], jitter: float, rng: np.random.Generator
-                 ) -> dict:
+    def sequence(self, ex: Example, ground: bool | Sequence[bool], jitter: float, rng: np.random.Generator,
+                 redraw_prob: float = 0.0, redraw_jitter: float = 0.0) -> dict:
         """ids, labels (already shifted: labels[t] is what position t must predict), and positions.
 
         ``ground``: inject each [SEG]'s measurement span (one flag for all, or one per [SEG]).
+        ``redraw_prob``: chance that a numeric multiple-choice record gets fresh options, its span a jitter of
+        up to ``redraw_jitter`` and the letter of the option nearest the span (model/training/options.py).
         """
         flags = [ground] * ex.n_seg if isinstance(ground, bool) else list(ground)
-        ids: list[int] = list(ex.prompt_ids)
+        plan, draw = ex.options, None
+        rewritten: dict[int, list[int]] = {}  # piece index -> ids with the restated value read from the span
+        if plan is not None and redraw_prob > 0 and rng.random() < redraw_prob:
+            draw = redraw(plan, rng)
+        if plan is not None and draw is not None:
+            prompt_ids = self._encode_prompt(prompting.build_prompt(
+                self.cfg.template, plan.question, draw.options, ex.images.token_counts, ex.images.roles))
+            rewritten[plan.piece] = self.tok.encode(rewrite(plan, draw, None, draw.letter)) + [self.eos_id]
+        else:
+            prompt_ids = ex.prompt_ids
+        ids: list[int] = list(prompt_ids)
         target = [False] * len(ids)
         region_pos: list[int] = []
         region_src: list[tuple[int, int]] = []  # (image, local index)
         seg_pos: list[int] = []
-        rewritten: dict[int, list[int]] = {}  # piece index -> ids with the restated value read from the span
         for k, piece in enumerate(ex.pieces):
             piece = rewritten.get(k, piece)
             ids += piece
@@ -441,17 +465,21 @@ class ExampleBuilder:
                 ids.append(self.region_id)
                 target.append(False)
             if flags[k] and seg.grounding:
-                span = jitter_span(seg.grounding, jitter, rng)
+                span = jitter_span(seg.grounding, redraw_jitter if draw is not None else jitter, rng)
                 g = self.tok.encode(span)
                 ids += g
                 target += [False] * len(g)
                 r = ex.restate
-                if jitter > 0 and r is not None and r.piece == k + 1:
+                if plan is not None and draw is not None and plan.piece == k + 1:
+                    value = restated_value(span, plan.op, plan.unit)
+                    letter = (nearest_letter(plan, draw.options, value) if value else None) or draw.letter
+                    rewritten[k + 1] = self.tok.encode(rewrite(plan, draw, value, letter)) + [self.eos_id]
+                elif jitter > 0 and r is not None and r.piece == k + 1:
                     value = restated_value(span, r.op, r.unit)
                     if value is not None:
                         new = self.tok.encode(r.text.replace(r.value_text, value, 1))
                         rewritten[k + 1] = new + [self.eos_id] if r.piece == ex.n_seg else new
         labels = [ids[t + 1] if target[t + 1] else IGNORE_INDEX for t in range(len(ids) - 1)] + [IGNORE_INDEX]
-        img_pos = [i for i, t in enumerate(ex.prompt_ids) if t == self.img_id]
+        img_pos = [i for i, t in enumerate(prompt_ids) if t == self.img_id]
         return {"ids": ids, "labels": labels, "region_pos": region_pos, "region_src": region_src,
                 "seg_pos": seg_pos, "img_pos": img_pos}

@@ -410,7 +410,8 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
             for micro in range(stage.grad_accum):
                 exs = sampler.draw(stage.batch_size)
                 ground = [bool(rng.random() < stage.ground_prob) for _ in exs]
-                batch = collate(exs, banks, builder, ground, stage.ground_jitter, rng, pad_id)
+                batch = collate(exs, banks, builder, ground, stage.ground_jitter, rng, pad_id,
+                                (stage.option_redraw, stage.redraw_jitter))
                 sync = contextlib.nullcontext()
                 if d.enabled and micro < stage.grad_accum - 1:
                     sync = ddp.no_sync()

@@ -135,10 +135,13 @@ class Batch:
 
 
 def collate(examples: list[Example], banks: Banks, builder: ExampleBuilder, ground: list[bool],
-            jitter: float, rng: np.random.Generator, pad_id: int) -> Batch:
-    """Assemble a batch (right padding: with causal attention no real token ever sees a pad)."""
+            jitter: float, rng: np.random.Generator, pad_id: int, redraw: tuple[float, float] = (0.0, 0.0)) -> Batch:
+    """Assemble a batch (right padding: with causal attention no real token ever sees a pad).
+
+    ``redraw``: (probability, span jitter) of option redraw for numeric multiple-choice records.
+    """
     dev = banks.device
-    seqs = [builder.sequence(ex, g, jitter, rng) for ex, g in zip(examples, ground)]
+    seqs = [builder.sequence(ex, g, jitter, rng, *redraw) for ex, g in zip(examples, ground)]
     length = max(len(s["ids"]) for s in seqs)
     ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
     labels = torch.full((len(seqs), length), IGNORE_INDEX, dtype=torch.long)

@@ -100,7 +100,8 @@ def write_config(path: Path, data: Path, out: Path, **stage_over) -> Path:
               "sam2_photometric": 0.2, "sam2_crop_min_side": 0.6}
     stage2 = {"name": "stage2_sft", "kinds": ["res", "l1", "l2", "cap"], "batch_size": 2, "max_steps": 2,
               "lr": 1e-3, "train": ["projector", "sam2_mask_decoder", "seg_projector"],
-              "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "ground_prob": 0.5, "ground_jitter": 0.1}
+              "lora": {"r": 4, "alpha": 8, "dropout": 0.0}, "ground_prob": 0.5, "ground_jitter": 0.1,
+              "option_redraw": 0.5, "redraw_jitter": 0.4}
     stage2.update(stage_over)
     cfg = {"name": "tiny", "model": {"preset": "terrascope-mini", "overrides": TINY_MODEL},
            "tokenizer": {"vocab_size": 400, "min_frequency": 1}, "data": str(data), "out": str(out),

@@ -257,3 +257,49 @@ def test_cached_frozen_encoders_give_the_same_losses(setup):
         banks.drop_caches()
     for k in ("lm_loss", "seg_loss", "aux_loss"):
         assert torch.allclose(ref[k], cached[k], atol=1e-5), k
+
+
+def test_option_redraw_names_the_option_nearest_the_span(setup):
+    """Redrawn records get fresh options around the true value; the trace restates the (jittered) span and
+    names the option nearest it, as the worker's measured choice would; without a span, the true option."""
+    import re
+
+    from model.data.numbers import parse_number, well_separated
+
+    tok, _, builder, _, records = setup
+    rec = dict(next(r for r in records if r["id"] == "ca0"))
+    true = rec["check"]["value_text"]
+    rec["target"] = (f"<think>I first identify the buildings [SEG]. They cover {true}. The option that matches is "
+                     f"{rec['answer']} ({true}).</think><answer>{rec['answer']}</answer>")
+    ex = builder.build(rec)
+    assert ex.options is not None and ex.options.op == "coverage"
+
+    def read(seq: dict) -> tuple[dict[str, float], str, str, str]:
+        seg_at = seq["seg_pos"][0]
+        prompt = tok.decode(seq["ids"][:seg_at])
+        opts = {m.group(1): float(m.group(2)) for m in re.finditer(r"\b([A-D])\. (\d+(?:\.\d+)?)%", prompt)}
+        after = tok.decode([seq["ids"][t + 1] for t in range(seg_at, len(seq["ids"]) - 1)
+                            if seq["labels"][t] != IGNORE_INDEX])
+        span = tok.decode(seq["ids"][seg_at + 1:])
+        return opts, after, span, re.search(r"<answer>\s*([A-D])", after).group(1)
+
+    rng = np.random.default_rng(1)
+    seen_sets, followed_span = set(), 0
+    for _ in range(40):
+        seq = builder.sequence(ex, True, 0.0, rng, 1.0, 0.6)
+        assert all(seq["ids"][p] == builder.img_id for p in seq["img_pos"])
+        opts, after, span, letter = read(seq)
+        assert len(opts) == 4 and well_separated(list(opts.values()))
+        assert parse_number(true) in opts.values()  # drawn around the truth, as the bench does
+        seen_sets.add(tuple(sorted(opts.values())))
+        measured = float(re.search(r"(\d+\.\d)% of valid area", span).group(1))
+        assert f"They cover {measured:.1f}%." in after  # the restated value is the span's
+        nearest = min(opts, key=lambda k: abs(opts[k] - measured))
+        assert letter == nearest, (opts, measured, after)
+        assert f"matches is {letter} ({opts[letter]:.1f}%)" in after
+        followed_span += opts[letter] != parse_number(true)
+    assert len(seen_sets) > 10 and followed_span >= 3  # fresh options; the letter follows a far-off span
+    for _ in range(10):  # no span in the input: the true value and its option
+        opts, after, _, letter = read(builder.sequence(ex, False, 0.0, rng, 1.0, 0.6))
+        assert opts[letter] == parse_number(true) and f"They cover {true}." in after
+    assert builder.sequence(ex, True, 0.0, rng)["ids"] == builder.sequence(ex, True, 0.0, rng)["ids"]  # redraw off

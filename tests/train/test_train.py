@@ -117,6 +117,8 @@ def test_bad_configs_name_the_problem(tmp_path):
         ({"stages": [{**base["stages"][0], "train": ["llm"], "lora": {"r": 4}}]}, "LoRA"),
         ({"model": {"preset": "a", "checkpoint": "b"}}, "exactly one"),
         ({"stages": [{**base["stages"][0], "lr": 0}]}, "lr"),
+        ({"stages": [{**base["stages"][0], "option_redraw": 1.5}]}, "option_redraw"),
+        ({"stages": [{**base["stages"][0], "redraw_jitter": -0.1}]}, "redraw_jitter"),
         ({"bogus": 1}, "unknown key"),
     ]
     for over, msg in cases:

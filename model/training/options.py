@@ -1,0 +1,123 @@
+"""Option redraw: a numeric multiple-choice record gets new options and a new letter at every training draw.
+
+Why: the model's letter ignored its own measurement span (on the validation bench it agreed with the option
+the worker's measurements support about as often as chance). A record is seen with one fixed set of options,
+so 8,000 records overfit long before "name the option nearest the measured value" is learnt. Here each draw
+(1) draws fresh distractors around the record's true value, as the bench does (``model.data.numbers``),
+(2) perturbs the measurement span by up to ``redraw_jitter`` (the predicted mask measures off the truth),
+(3) restates the span's value and names the option nearest to it, the rule the worker's measured choice uses
+(``worker/resolve.py``: absolute points for percentages, relative distance for areas and counts).
+So the letter follows the measurement, and a span that reads nearer a distractor gives that distractor.
+Without a span in the input (``ground_prob``) the letter is the true one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from model.data import numbers
+
+if TYPE_CHECKING:
+    from model.training.data import Restatement
+
+__all__ = ["OptionPlan", "Redraw", "nearest_letter", "plan_for", "redraw", "rewrite"]
+
+_LETTER_IN_TAIL = re.compile(r"\b[A-D]\b")
+_AREA_M2 = {"ha": 1e4, "m²": 1.0, "km²": 1e6}
+
+
+@dataclass(frozen=True)
+class OptionPlan:
+    """What a record's options are drawn from: the true value and how the trace writes it."""
+
+    question: str
+    op: str  # "area" | "coverage" | "count"
+    unit: str | None  # area unit of the options ("ha", "m²")
+    value_text: str  # the true value as written ("34.0%", "273 ha", "20")
+    n_options: int
+    piece: int  # index of the trace's text piece that restates the value (the last one)
+    text: str  # the last text piece of the trace, which restates the value and names the option
+
+
+@dataclass(frozen=True)
+class Redraw:
+    """One draw: the options (without letters), the true letter, and the true value's option text."""
+
+    options: list[str]
+    letter: str
+    answer_text: str
+
+
+def _fmt(plan: OptionPlan):
+    if plan.op == "coverage":
+        return numbers.fmt_pct
+    if plan.op == "count":
+        return lambda v: numbers.fmt_count(int(v))
+    return lambda v: numbers.fmt_area(v, plan.unit)
+
+
+def _value(plan: OptionPlan, text: str) -> float:
+    """A written value in the unit options are compared in (m² for areas)."""
+    v = numbers.parse_number(text)
+    return v * _AREA_M2[plan.unit] if plan.op == "area" and plan.unit in _AREA_M2 else v
+
+
+def plan_for(rec: dict, restate: Restatement, last_piece: int) -> OptionPlan | None:
+    """The plan of a one-mask numeric multiple-choice record whose restating piece is the trace's last."""
+    choices = rec.get("choices") or []
+    if restate.piece != last_piece or len(choices) < 2 or restate.op not in ("area", "coverage", "count"):
+        return None
+    if restate.op == "area" and restate.unit not in _AREA_M2:
+        return None
+    return OptionPlan(str(rec["question"]), restate.op, restate.unit, restate.value_text, len(choices),
+                      restate.piece, restate.text)
+
+
+def redraw(plan: OptionPlan, rng: np.random.Generator) -> Redraw | None:
+    """Fresh options around the true value (None when no distractor set can be drawn)."""
+    value = _value(plan, plan.value_text)
+    try:
+        distractors = numbers.numeric_distractors(value, _fmt(plan), rng, n=plan.n_options - 1,
+                                                  upper=100.0 if plan.op == "coverage" else None,
+                                                  integer=plan.op == "count")
+        options, letter = numbers.shuffle_options(plan.value_text, distractors, rng)
+    except ValueError:
+        return None
+    return Redraw([numbers.option_text(o) for o in options], letter, plan.value_text)
+
+
+def nearest_letter(plan: OptionPlan, options: list[str], measured_text: str) -> str | None:
+    """Letter of the option nearest the measured value; None on an exact tie (the caller keeps the truth)."""
+    v = _value(plan, measured_text)
+    vals = [_value(plan, o) for o in options]
+
+    def key(o: float) -> tuple[float, float]:
+        if plan.op == "coverage":
+            return abs(v - o), 0.0
+        return numbers.rel_gap(v, o), abs(v - o)
+
+    keys = [key(o) for o in vals]
+    best = min(keys)
+    if keys.count(best) > 1:
+        return None
+    return numbers.LETTERS[keys.index(best)]
+
+
+def rewrite(plan: OptionPlan, draw: Redraw, restated: str | None, letter: str) -> str:
+    """The last piece with the restated value, then the named option's letter and text.
+
+    The piece reads "... covers <value>. The option that matches is B (<value>).</think><answer>B</answer>":
+    the first value is the restated measurement, the rest names the option.
+    """
+    text = plan.text
+    cut = text.find(plan.value_text)
+    if cut < 0:
+        return text
+    head, tail = text[:cut], text[cut + len(plan.value_text):]
+    chosen = draw.options[numbers.LETTERS.index(letter)]
+    tail = _LETTER_IN_TAIL.sub(letter, tail.replace(plan.value_text, chosen))
+    return head + (restated or plan.value_text) + tail
