@@ -13,7 +13,7 @@ from model.data.numbers import (
     numeric_distractors,
 )
 from model.data.records import Ctx, Record, adjacency_record, multiple_choice, pick_option_sentence
-from model.data.scene import be, objects_text, region_text
+from model.data.scene import be, object_text, objects_text, region_text
 from model.data.trace import Trace
 
 Q_EXIST = ("Is there any {r} in the image?", "Does the image contain any {r}?", "Can you find any {r} in this scene?",
@@ -53,10 +53,7 @@ def _seg_intro(ctx: Ctx, cls: str) -> str:
 
 
 def count_answer(n: int, cls: str) -> str:
-    noun = objects_text(cls)
-    if n == 1 and noun.endswith("s"):
-        noun = noun[:-1] if not noun.endswith("ies") else noun[:-3] + "y"
-    return f"{n} {noun}"
+    return f"{n} {object_text(cls) if n == 1 else objects_text(cls)}"
 
 
 def _finish_numeric(ctx: Ctx, tr: Trace, task: str, question: str, value: float, fmt, check: dict,

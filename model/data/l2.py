@@ -22,7 +22,7 @@ from model.data.records import (
     pick_option_sentence,
     yes_no_record,
 )
-from model.data.scene import be, objects_text, region_text
+from model.data.scene import be, object_text, objects_text, region_text
 from model.data.trace import Trace
 from worker.measure import half_mask
 
@@ -215,7 +215,7 @@ def largest_object(ctx: Ctx, cls: str, mc: bool, task: str = "distance") -> Reco
     if np.sort(sizes)[-2] == sizes[big - 1]:
         return None  # two equally large objects: "the largest" would be ambiguous
     o = objects_text(cls)
-    one = o.removesuffix("s")
+    one = object_text(cls)
     a = ctx.facts.add(ctx.lf, f"{cls}@largest", lab == big)
     b = ctx.facts.add(ctx.lf, f"{cls}@others", (lab > 0) & (lab != big))
     tr = Trace().say(f"I segment the largest {one}")
@@ -253,7 +253,7 @@ def largest_adjacency(ctx: Ctx, a: str, b: str, mc: bool) -> Record | None:
     big = int(np.argmax(sizes)) + 1
     if n > 1 and np.sort(sizes)[-2] == sizes[big - 1]:
         return None
-    one = region_text(a) if be(a) == "is" else objects_text(a)[:-1]
+    one = region_text(a) if be(a) == "is" else object_text(a)
     patch = f"largest {one} patch" if be(a) == "is" else f"largest {one}"
     x = ctx.facts.add(ctx.lf, f"{a}@largest", lab == big)
     if a == b:

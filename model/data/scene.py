@@ -48,6 +48,16 @@ def objects_text(cls: str) -> str:
     return CLASS_TEXT.get(cls, (cls, cls + "s"))[1]
 
 
+def object_text(cls: str) -> str:
+    """One object of the class: "water bodies" -> "water body", "buildings" -> "building"."""
+    noun = objects_text(cls)
+    if noun.endswith("ies"):
+        return noun[:-3] + "y"
+    if noun.endswith(("ches", "shes", "sses", "xes")):
+        return noun[:-2]
+    return noun.removesuffix("s")
+
+
 @dataclass
 class Frame:
     """One image of a scene. ``pixels`` is the 8-bit RGB view; SAR frames also keep ``raw`` dB bands."""

@@ -150,3 +150,19 @@ def test_build_is_deterministic_for_a_seed(tmp_path: Path) -> None:
         synthesize(scenes, tmp_path / f"run{run}", 40, 20, rng, log=lambda *_: None)
         outs.append([(tmp_path / f"run{run}" / f).read_text() for f in ("train.jsonl", "val.jsonl", "tiles.json")])
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("cls,one", [("water", "water body"), ("building", "building"), ("tree", "tree cluster"),
+                                     ("forest", "forest patch"), ("cropland", "field")])
+def test_one_object_of_a_class_is_a_real_singular(cls: str, one: str) -> None:
+    from model.data.l1 import count_answer
+    from model.data.scene import object_text
+
+    assert object_text(cls) == one
+    assert count_answer(1, cls) == f"1 {one}"
+
+
+def test_no_label_or_question_carries_a_broken_singular(built: Path) -> None:
+    for r in _all(built):
+        texts = [r["question"], r["target"]] + [m["label"] for m in r.get("seg_masks", [])]
+        assert not any("bodie " in t + " " or "patche " in t + " " for t in texts), r["id"]
