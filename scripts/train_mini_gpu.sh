@@ -16,8 +16,8 @@
 #                         scale crops and radiometric jitter of the SAM-2 inputs), from the current export
 #   COPY_BUDGET_S=450     wall-clock budget of phase 5 (configs/terrascope-mini-copy.json: cached SFT whose
 #                         traces restate the jittered span's value), from the current export
-#   OPTIONS_BUDGET_S=420 wall-clock budget of phase 6 (configs/terrascope-mini-options.json: cached SFT with
-#                         fresh options per draw, letter of the option nearest the jittered span), from the
+#   OPTIONS_BUDGET_S=500 wall-clock budget of phase 6 (configs/terrascope-mini-options.json: cached SFT with
+#                         fresh options per draw, options listed, the one nearest the jittered span named), from the
 #                         current export
 #   PHASES="1 2 3 4"      which phases to run (each continues from the previous export; phase 3 uses the
 #                         extra fAIr tiles that model.data.extra adds to the pack, see docs/TRAINING.md)
@@ -33,7 +33,7 @@ CONTINUE_BUDGET=${CONTINUE_BUDGET_S:-270}
 SEG_BUDGET=${SEG_BUDGET_S:-480}
 AUG_BUDGET=${AUG_BUDGET_S:-460}
 COPY_BUDGET=${COPY_BUDGET_S:-450}
-OPTIONS_BUDGET=${OPTIONS_BUDGET_S:-420}
+OPTIONS_BUDGET=${OPTIONS_BUDGET_S:-500}
 PHASES=${PHASES:-1 2 3 4}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}

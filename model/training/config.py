@@ -18,6 +18,8 @@ from model.training.augment import Sam2Augment
 GROUPS = ("vision", "projector", "llm", "llm_embed", "sam2_image_encoder", "sam2_prompt_encoder",
           "sam2_mask_decoder", "seg_projector")
 RECORD_KINDS = ("res", "l1", "l2", "cap")
+#: Pseudo-kind of ``kind_weights``: the numeric multiple-choice records that option redraw applies to.
+OPTIONS_BUCKET = "options"
 
 
 class ConfigError(ValueError):
@@ -138,6 +140,11 @@ def _stage(d: Any, i: int) -> StageConfig:
         raise ConfigError(f"{where}: ground_prob must be in [0,1] and ground_jitter in [0,0.5)")
     if not 0.0 <= st.option_redraw <= 1.0 or not 0.0 <= st.redraw_jitter < 1.0:
         raise ConfigError(f"{where}: option_redraw must be in [0,1] and redraw_jitter in [0,1)")
+    odd = [k for k in st.kind_weights if k not in (*RECORD_KINDS, OPTIONS_BUCKET)]
+    if odd:
+        raise ConfigError(f"{where}.kind_weights: unknown kind(s) {odd}; known: {(*RECORD_KINDS, OPTIONS_BUCKET)}")
+    if st.kind_weights.get(OPTIONS_BUCKET, 0.0) > 0 and st.option_redraw <= 0:
+        raise ConfigError(f"{where}.kind_weights: '{OPTIONS_BUCKET}' needs option_redraw > 0")
     if not 0.0 <= st.sam2_photometric < 1.0 or not 0.1 <= st.sam2_crop_min_side <= 1.0:
         raise ConfigError(f"{where}: sam2_photometric must be in [0,1) and sam2_crop_min_side in [0.1,1]")
     if st.sam2_augment.active and "sam2_image_encoder" not in st.train:

@@ -23,7 +23,7 @@ from model.loading import load_model
 from model.modeling_terrascope import TerraScopeModel
 from model.prompting import TokenizerWrapper
 
-from .config import StageConfig, TrainConfig
+from .config import OPTIONS_BUCKET, StageConfig, TrainConfig
 from .data import Example, ExampleBuilder, load_records
 from .export import export
 from .params import add_lora, group_of, merge_lora, set_trainable, trainable_summary
@@ -141,15 +141,19 @@ def fan_in_init(module: nn.Module) -> None:
 class StageSampler:
     """Draws examples for a stage: a kind by ``kind_weights`` (else proportional), then uniformly.
 
+    The weight ``"options"`` makes the records that option redraw applies to a bucket of their own.
+
     Batches are grouped by length: ``group`` batches are drawn at once, sorted by sequence length and
     served in random order, so a batch rarely pads a 300-token question to a 1500-token series.
     """
 
     def __init__(self, examples: list[Example], stage: StageConfig, seed: int, length=None, group: int = 8):
         self.by_kind: dict[str, list[Example]] = {}
+        options_bucket = stage.kind_weights.get(OPTIONS_BUCKET, 0.0) > 0
         for ex in examples:
             if ex.kind in stage.kinds:
-                self.by_kind.setdefault(ex.kind, []).append(ex)
+                key = OPTIONS_BUCKET if options_bucket and ex.options is not None else ex.kind
+                self.by_kind.setdefault(key, []).append(ex)
         if not self.by_kind:
             raise ValueError(f"stage {stage.name}: no training examples of kinds {stage.kinds}")
         kinds = sorted(self.by_kind)

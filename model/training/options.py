@@ -5,10 +5,14 @@ the worker's measurements support about as often as chance). A record is seen wi
 so 8,000 records overfit long before "name the option nearest the measured value" is learnt. Here each draw
 (1) draws fresh distractors around the record's true value, as the bench does (``model.data.numbers``),
 (2) perturbs the measurement span by up to ``redraw_jitter`` (the predicted mask measures off the truth),
-(3) restates the span's value and names the option nearest to it, the rule the worker's measured choice uses
-(``worker/resolve.py``: absolute points for percentages, relative distance for areas and counts).
-So the letter follows the measurement, and a span that reads nearer a distractor gives that distractor.
-Without a span in the input (``ground_prob``) the letter is the true one.
+(3) restates the span's value, lists the options in the trace and names the one nearest the value, the rule
+the worker's measured choice uses (``worker/resolve.py``: absolute points for percentages, relative distance
+for areas and counts). So the letter follows the measurement, and a span that reads nearer a distractor gives
+that distractor. Without a span in the input (``ground_prob``) the letter is the true one.
+
+The options are listed in the trace because a small model fails to look up one option's value across the
+image tokens (phase 6 wrote "the answer is B: 223 ha" with no such option), while copying the list in order
+and comparing it with the value just written are local steps.
 """
 
 from __future__ import annotations
@@ -24,9 +28,8 @@ from model.data import numbers
 if TYPE_CHECKING:
     from model.training.data import Restatement
 
-__all__ = ["OptionPlan", "Redraw", "nearest_letter", "plan_for", "redraw", "rewrite"]
+__all__ = ["OptionPlan", "Redraw", "choice_sentence", "nearest_letter", "plan_for", "redraw", "rewrite"]
 
-_LETTER_IN_TAIL = re.compile(r"\b[A-D]\b")
 _AREA_M2 = {"ha": 1e4, "m²": 1.0, "km²": 1e6}
 
 
@@ -107,17 +110,30 @@ def nearest_letter(plan: OptionPlan, options: list[str], measured_text: str) -> 
     return numbers.LETTERS[keys.index(best)]
 
 
+#: Where a synthesised trace names its option (model/data/records.py, ``pick_option_sentence``).
+_CHOICE_SENTENCE = re.compile(r" (?:The option that matches|This corresponds to option|So the answer is|Option [A-D],)")
+
+
+def choice_sentence(options: list[str], letter: str) -> str:
+    """" The options are A 49.5%, B 99.0%, ...; the nearest is A (49.5%)." """
+    listing = ", ".join(f"{numbers.LETTERS[i]} {o}" for i, o in enumerate(options))
+    return f" The options are {listing}; the nearest is {letter} ({options[numbers.LETTERS.index(letter)]})."
+
+
 def rewrite(plan: OptionPlan, draw: Redraw, restated: str | None, letter: str) -> str:
-    """The last piece with the restated value, then the named option's letter and text.
+    """The last piece with the restated value, the options listed and the named option's letter.
 
     The piece reads "... covers <value>. The option that matches is B (<value>).</think><answer>B</answer>":
-    the first value is the restated measurement, the rest names the option.
+    the value is replaced by the restated measurement and the option sentence by ``choice_sentence``.
     """
     text = plan.text
     cut = text.find(plan.value_text)
     if cut < 0:
         return text
     head, tail = text[:cut], text[cut + len(plan.value_text):]
-    chosen = draw.options[numbers.LETTERS.index(letter)]
-    tail = _LETTER_IN_TAIL.sub(letter, tail.replace(plan.value_text, chosen))
-    return head + (restated or plan.value_text) + tail
+    m = _CHOICE_SENTENCE.search(tail)
+    end = m.start() if m else tail.find("</think>")
+    if end < 0:
+        return text
+    return (head + (restated or plan.value_text) + tail[:end] + choice_sentence(draw.options, letter)
+            + f"</think><answer>{letter}</answer>")

@@ -296,10 +296,26 @@ def test_option_redraw_names_the_option_nearest_the_span(setup):
         assert f"They cover {measured:.1f}%." in after  # the restated value is the span's
         nearest = min(opts, key=lambda k: abs(opts[k] - measured))
         assert letter == nearest, (opts, measured, after)
-        assert f"matches is {letter} ({opts[letter]:.1f}%)" in after
+        listing = ", ".join(f"{k} {v:.1f}%" for k, v in sorted(opts.items()))
+        assert f"The options are {listing}; the nearest is {letter} ({opts[letter]:.1f}%)." in after, after
         followed_span += opts[letter] != parse_number(true)
     assert len(seen_sets) > 10 and followed_span >= 3  # fresh options; the letter follows a far-off span
     for _ in range(10):  # no span in the input: the true value and its option
         opts, after, _, letter = read(builder.sequence(ex, False, 0.0, rng, 1.0, 0.6))
         assert opts[letter] == parse_number(true) and f"They cover {true}." in after
     assert builder.sequence(ex, True, 0.0, rng)["ids"] == builder.sequence(ex, True, 0.0, rng)["ids"]  # redraw off
+
+
+def test_options_bucket_draws_the_redrawable_records(setup):
+    from model.training.config import StageConfig
+    from model.training.loop import StageSampler
+
+    _, _, _, examples, _ = setup
+    stage = StageConfig("s", ["res", "l1", "l2", "cap"], ["projector"], max_steps=1, option_redraw=1.0,
+                        kind_weights={"options": 3.0, "res": 1.0})
+    sampler = StageSampler(examples, stage, seed=0)
+    drawn = sampler.draw(400)
+    with_plan = sum(ex.options is not None for ex in drawn)
+    assert all(ex.options is not None or ex.kind == "res" for ex in drawn)
+    assert 0.65 < with_plan / len(drawn) < 0.85  # 3 : 1
+    assert {ex.kind for ex in drawn if ex.options is None} == {"res"}

@@ -119,6 +119,8 @@ def test_bad_configs_name_the_problem(tmp_path):
         ({"stages": [{**base["stages"][0], "lr": 0}]}, "lr"),
         ({"stages": [{**base["stages"][0], "option_redraw": 1.5}]}, "option_redraw"),
         ({"stages": [{**base["stages"][0], "redraw_jitter": -0.1}]}, "redraw_jitter"),
+        ({"stages": [{**base["stages"][0], "kind_weights": {"films": 1.0}}]}, "unknown kind"),
+        ({"stages": [{**base["stages"][0], "kind_weights": {"options": 1.0}}]}, "needs option_redraw"),
         ({"bogus": 1}, "unknown key"),
     ]
     for over, msg in cases:
