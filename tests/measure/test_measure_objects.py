@@ -238,13 +238,32 @@ def test_sieve_removes_specks_keeps_objects_and_holes() -> None:
     m[200:203, 200:210] = True  # 30 px: a speck
     m[250, 0] = True  # 1 px
     assert round(SIEVE_SHARE * m.size) == 32
-    out = sieve(m)
+    out = sieve(m, relative=0)  # the fixed floor alone
     assert out.dtype == bool and out.shape == m.shape
     assert count_objects(out) == 2 and not out[200:203, 200:210].any() and not out[250, 0]
     assert not out[30:40, 30:40].any() and out[10:60, 10:60].sum() == 2500 - 100
-    assert np.array_equal(sieve(m, 1), m)  # a limit of 1 pixel keeps everything
-    assert count_objects(sieve(m, 101)) == 1
+    assert np.array_equal(sieve(m, 1, relative=0), m)  # a limit of 1 pixel keeps everything
+    assert count_objects(sieve(m, 101, relative=0)) == 1
+    assert count_objects(sieve(m)) == 1  # 32 px is under 2 % of the 2,400 px object
     # diagonal neighbours are one object (8-connectivity, as count_objects counts)
     d = np.zeros((64, 64), bool)
     d[np.arange(10), np.arange(10)] = True
     assert np.array_equal(sieve(d, 10), d) and not sieve(d, 11).any()
+
+
+def test_sieve_drops_specks_small_beside_the_largest_object() -> None:
+    """Objects under SIEVE_RELATIVE of the largest object go; small objects among their peers stay."""
+    from worker.measure import SIEVE_RELATIVE, sieve
+
+    m = np.zeros((256, 256), bool)
+    m[0:150, 0:150] = True  # 22,500 px
+    m[200:210, 200:240] = True  # 400 px: 1.8 % of the largest -> a speck beside it
+    m[160:180, 200:225] = True  # 500 px: 2.2 % -> kept
+    assert SIEVE_RELATIVE == 0.02
+    out = sieve(m)
+    assert count_objects(out) == 2 and not out[200:210, 200:240].any() and out[160:180, 200:225].all()
+    assert count_objects(sieve(m, relative=0)) == 3
+    huts = np.zeros((256, 256), bool)  # only small objects: all of them are counted
+    for k in range(6):
+        huts[10 + 40 * k:30 + 40 * k, 10:30] = True  # 400 px each
+    assert np.array_equal(sieve(huts), huts)
