@@ -19,6 +19,8 @@
 #   OPTIONS_BUDGET_S=500 wall-clock budget of phase 6 (configs/terrascope-mini-options.json: cached SFT with
 #                         fresh options per draw, options listed, the one nearest the jittered span named), from the
 #                         current export
+#   OPTIONS2_BUDGET_S=500 wall-clock budget of phase 7 (configs/terrascope-mini-options2.json: phase 6's recipe
+#                         again, more RES pairs), from the current export
 #   PHASES="1 2 3 4"      which phases to run (each continues from the previous export; phase 3 uses the
 #                         extra fAIr tiles that model.data.extra adds to the pack, see docs/TRAINING.md)
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
@@ -34,6 +36,7 @@ SEG_BUDGET=${SEG_BUDGET_S:-480}
 AUG_BUDGET=${AUG_BUDGET_S:-460}
 COPY_BUDGET=${COPY_BUDGET_S:-450}
 OPTIONS_BUDGET=${OPTIONS_BUDGET_S:-500}
+OPTIONS2_BUDGET=${OPTIONS2_BUDGET_S:-500}
 PHASES=${PHASES:-1 2 3 4}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
@@ -88,6 +91,7 @@ for phase in $PHASES; do
     4) RUN=${RUN_DIR:-out/terrascope-mini}-seg-aug; train configs/terrascope-mini-seg-aug.json "$AUG_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     5) RUN=${RUN_DIR:-out/terrascope-mini}-copy; train configs/terrascope-mini-copy.json "$COPY_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     6) RUN=${RUN_DIR:-out/terrascope-mini}-options; train configs/terrascope-mini-options.json "$OPTIONS_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    7) RUN=${RUN_DIR:-out/terrascope-mini}-options2; train configs/terrascope-mini-options2.json "$OPTIONS2_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done
