@@ -21,6 +21,8 @@
 #                         current export
 #   OPTIONS2_BUDGET_S=500 wall-clock budget of phase 7 (configs/terrascope-mini-options2.json: phase 6's recipe
 #                         again, more RES pairs), from the current export
+#   MARKS_BUDGET_S=500   wall-clock budget of phase 8 (configs/terrascope-mini-options-marks.json: option
+#                         redraw with above/below marks, balanced sampling), from the current export
 #   PHASES="1 2 3 4"      which phases to run (each continues from the previous export; phase 3 uses the
 #                         extra fAIr tiles that model.data.extra adds to the pack, see docs/TRAINING.md)
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
@@ -37,6 +39,7 @@ AUG_BUDGET=${AUG_BUDGET_S:-460}
 COPY_BUDGET=${COPY_BUDGET_S:-450}
 OPTIONS_BUDGET=${OPTIONS_BUDGET_S:-500}
 OPTIONS2_BUDGET=${OPTIONS2_BUDGET_S:-500}
+MARKS_BUDGET=${MARKS_BUDGET_S:-500}
 PHASES=${PHASES:-1 2 3 4}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
@@ -92,6 +95,7 @@ for phase in $PHASES; do
     5) RUN=${RUN_DIR:-out/terrascope-mini}-copy; train configs/terrascope-mini-copy.json "$COPY_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     6) RUN=${RUN_DIR:-out/terrascope-mini}-options; train configs/terrascope-mini-options.json "$OPTIONS_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     7) RUN=${RUN_DIR:-out/terrascope-mini}-options2; train configs/terrascope-mini-options2.json "$OPTIONS2_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    8) RUN=${RUN_DIR:-out/terrascope-mini}-options-marks; train configs/terrascope-mini-options-marks.json "$MARKS_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

@@ -59,6 +59,7 @@ class StageConfig:
     ground_jitter: float = 0.0  # relative noise on the span's numbers (teaches nearest-option choice)
     option_redraw: float = 0.0  # chance a numeric multiple-choice record gets fresh options (training/options.py)
     redraw_jitter: float = 0.0  # relative noise on a redrawn record's span; its letter follows the span
+    redraw_marks: bool = False  # the redrawn trace tags each listed option above/below the value
     max_grad_norm: float = 1.0
     cache_frozen: bool = True  # run a frozen ViT / SAM-2 image encoder once per image, not every step
     sam2_dihedral: bool = False  # random flip/rot90 of each SAM-2 input and its mask targets (trained encoder)

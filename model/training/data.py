@@ -426,12 +426,13 @@ class ExampleBuilder:
 
     # ---- per draw --------------------------------------------------------------------------------------------
     def sequence(self, ex: Example, ground: bool | Sequence[bool], jitter: float, rng: np.random.Generator,
-                 redraw_prob: float = 0.0, redraw_jitter: float = 0.0) -> dict:
+                 redraw_prob: float = 0.0, redraw_jitter: float = 0.0, redraw_marks: bool = False) -> dict:
         """ids, labels (already shifted: labels[t] is what position t must predict), and positions.
 
         ``ground``: inject each [SEG]'s measurement span (one flag for all, or one per [SEG]).
         ``redraw_prob``: chance that a numeric multiple-choice record gets fresh options, its span a jitter of
-        up to ``redraw_jitter`` and the letter of the option nearest the span (model/training/options.py).
+        up to ``redraw_jitter`` and the letter of the option nearest the span (model/training/options.py);
+        ``redraw_marks`` tags each listed option above/below the value.
         """
         flags = [ground] * ex.n_seg if isinstance(ground, bool) else list(ground)
         plan, draw = ex.options, None
@@ -441,7 +442,8 @@ class ExampleBuilder:
         if plan is not None and draw is not None:
             prompt_ids = self._encode_prompt(prompting.build_prompt(
                 self.cfg.template, plan.question, draw.options, ex.images.token_counts, ex.images.roles))
-            rewritten[plan.piece] = self.tok.encode(rewrite(plan, draw, None, draw.letter)) + [self.eos_id]
+            rewritten[plan.piece] = self.tok.encode(rewrite(plan, draw, None, draw.letter, redraw_marks)) + [
+                self.eos_id]
         else:
             prompt_ids = ex.prompt_ids
         ids: list[int] = list(prompt_ids)
@@ -473,7 +475,8 @@ class ExampleBuilder:
                 if plan is not None and draw is not None and plan.piece == k + 1:
                     value = restated_value(span, plan.op, plan.unit)
                     letter = (nearest_letter(plan, draw.options, value) if value else None) or draw.letter
-                    rewritten[k + 1] = self.tok.encode(rewrite(plan, draw, value, letter)) + [self.eos_id]
+                    rewritten[k + 1] = self.tok.encode(rewrite(plan, draw, value, letter, redraw_marks)) + [
+                        self.eos_id]
                 elif jitter > 0 and r is not None and r.piece == k + 1:
                     value = restated_value(span, r.op, r.unit)
                     if value is not None:

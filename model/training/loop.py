@@ -415,7 +415,7 @@ def run(cfg: TrainConfig, opts: RunOptions) -> RunResult:
                 exs = sampler.draw(stage.batch_size)
                 ground = [bool(rng.random() < stage.ground_prob) for _ in exs]
                 batch = collate(exs, banks, builder, ground, stage.ground_jitter, rng, pad_id,
-                                (stage.option_redraw, stage.redraw_jitter))
+                                (stage.option_redraw, stage.redraw_jitter, stage.redraw_marks))
                 sync = contextlib.nullcontext()
                 if d.enabled and micro < stage.grad_accum - 1:
                     sync = ddp.no_sync()

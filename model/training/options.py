@@ -28,7 +28,7 @@ from model.data import numbers
 if TYPE_CHECKING:
     from model.training.data import Restatement
 
-__all__ = ["OptionPlan", "Redraw", "choice_sentence", "nearest_letter", "plan_for", "redraw", "rewrite"]
+__all__ = ["OptionPlan", "Redraw", "choice_sentence", "marks_for", "nearest_letter", "plan_for", "redraw", "rewrite"]
 
 _AREA_M2 = {"ha": 1e4, "m²": 1.0, "km²": 1e6}
 
@@ -114,13 +114,21 @@ def nearest_letter(plan: OptionPlan, options: list[str], measured_text: str) -> 
 _CHOICE_SENTENCE = re.compile(r" (?:The option that matches|This corresponds to option|So the answer is|Option [A-D],)")
 
 
-def choice_sentence(options: list[str], letter: str) -> str:
-    """" The options are A 49.5%, B 99.0%, ...; the nearest is A (49.5%)." """
-    listing = ", ".join(f"{numbers.LETTERS[i]} {o}" for i, o in enumerate(options))
+def choice_sentence(options: list[str], letter: str, marks: list[str] | None = None) -> str:
+    """" The options are A 49.5%, B 99.0%, ...; the nearest is A (49.5%)." ``marks`` tag each option
+    ("A 49.5% (above)"): four pairwise comparisons with the value before the nearest is named."""
+    listing = ", ".join(f"{numbers.LETTERS[i]} {o}" + (f" ({marks[i]})" if marks else "")
+                        for i, o in enumerate(options))
     return f" The options are {listing}; the nearest is {letter} ({options[numbers.LETTERS.index(letter)]})."
 
 
-def rewrite(plan: OptionPlan, draw: Redraw, restated: str | None, letter: str) -> str:
+def marks_for(plan: OptionPlan, options: list[str], value_text: str) -> list[str]:
+    """"above" / "below" / "equal" for each option against the written value."""
+    v = _value(plan, value_text)
+    return ["above" if o > v else "below" if o < v else "equal" for o in (_value(plan, t) for t in options)]
+
+
+def rewrite(plan: OptionPlan, draw: Redraw, restated: str | None, letter: str, marks: bool = False) -> str:
     """The last piece with the restated value, the options listed and the named option's letter.
 
     The piece reads "... covers <value>. The option that matches is B (<value>).</think><answer>B</answer>":
@@ -135,5 +143,6 @@ def rewrite(plan: OptionPlan, draw: Redraw, restated: str | None, letter: str) -
     end = m.start() if m else tail.find("</think>")
     if end < 0:
         return text
-    return (head + (restated or plan.value_text) + tail[:end] + choice_sentence(draw.options, letter)
-            + f"</think><answer>{letter}</answer>")
+    value = restated or plan.value_text
+    tags = marks_for(plan, draw.options, value) if marks else None
+    return head + value + tail[:end] + choice_sentence(draw.options, letter, tags) + f"</think><answer>{letter}</answer>"

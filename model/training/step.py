@@ -135,10 +135,12 @@ class Batch:
 
 
 def collate(examples: list[Example], banks: Banks, builder: ExampleBuilder, ground: list[bool],
-            jitter: float, rng: np.random.Generator, pad_id: int, redraw: tuple[float, float] = (0.0, 0.0)) -> Batch:
+            jitter: float, rng: np.random.Generator, pad_id: int,
+            redraw: tuple[float, float, bool] = (0.0, 0.0, False)) -> Batch:
     """Assemble a batch (right padding: with causal attention no real token ever sees a pad).
 
-    ``redraw``: (probability, span jitter) of option redraw for numeric multiple-choice records.
+    ``redraw``: (probability, span jitter, above/below marks) of option redraw for numeric multiple-choice
+    records.
     """
     dev = banks.device
     seqs = [builder.sequence(ex, g, jitter, rng, *redraw) for ex, g in zip(examples, ground)]

@@ -304,6 +304,13 @@ def test_option_redraw_names_the_option_nearest_the_span(setup):
         opts, after, _, letter = read(builder.sequence(ex, False, 0.0, rng, 1.0, 0.6))
         assert opts[letter] == parse_number(true) and f"They cover {true}." in after
     assert builder.sequence(ex, True, 0.0, rng)["ids"] == builder.sequence(ex, True, 0.0, rng)["ids"]  # redraw off
+    for _ in range(10):  # with marks, each listed option is tagged against the restated value
+        seq = builder.sequence(ex, True, 0.0, rng, 1.0, 0.6, True)
+        opts, after, span, letter = read(seq)
+        measured = float(re.search(r"(\d+\.\d)% of valid area", span).group(1))
+        tags = ", ".join(f"{k} {v:.1f}% ({'above' if v > measured else 'below' if v < measured else 'equal'})"
+                         for k, v in sorted(opts.items()))
+        assert f"The options are {tags}; the nearest is {letter} (" in after, after
 
 
 def test_options_bucket_draws_the_redrawable_records(setup):
