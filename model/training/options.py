@@ -11,8 +11,9 @@ for areas and counts). So the letter follows the measurement, and a span that re
 that distractor. Without a span in the input (``ground_prob``) the letter is the true one.
 
 The options are listed in the trace because a small model fails to look up one option's value across the
-image tokens (phase 6 wrote "the answer is B: 223 ha" with no such option), while copying the list in order
-and comparing it with the value just written are local steps.
+image tokens (phase 6a wrote "the answer is B: 223 ha" with no such option), while copying the list in order
+and comparing it with the value just written are local steps. Tried on terrascope-mini in phases 6a, 6, 7 and
+8 (docs/TRAINING.md): the model learnt to copy the span and the options, not to pick the nearest; not kept.
 """
 
 from __future__ import annotations
