@@ -63,6 +63,27 @@ def test_bench_answers_match_their_masks(bench: Path) -> None:
             assert right == str(M.change(before, after, georef).destroyed_count)
 
 
+def test_worker_measured_choice_recovers_every_answer_from_the_ground_truth(bench: Path) -> None:
+    """worker/resolve.py, given the ground-truth masks with their labels, names every bench answer: the
+    worker's measuring rules and the bench's answers agree, so a wrong measured choice is a mask error.
+    (A before/after item's masks are the t0 buildings, the t1 buildings, then the change mask on t1.)"""
+    from worker.raster import read_raster
+    from worker.resolve import MeasuredImage, MeasuredStep, measured_choice
+
+    items = read_bench(bench)
+    wrong = []
+    for it in items:
+        roles = E.worker_roles([im.role for im in it.images])
+        images = [MeasuredImage(role, read_raster(str(im.path))[1]) for im, role in zip(it.images, roles)]
+        steps = [MeasuredStep(k + 1, gt.label, min(k, len(images) - 1), load_mask(gt.path).astype(bool))
+                 for k, gt in enumerate(it.gt_masks)]
+        got = measured_choice(it.question, [N.option_text(c) for c in it.choices], steps, images)
+        if got is None or got["choice"] != it.answer:
+            wrong.append((it.id, it.answer, got and got.get("message")))
+    assert not wrong, wrong
+    assert {it.task for it in items} >= {"CA", "AQ", "COUNT", "CR", "BCE"}
+
+
 def test_bench_jsonl_round_trip(bench: Path, tmp_path: Path) -> None:
     items = read_bench(bench)
     again = tmp_path / "copy" / "bench.jsonl"
