@@ -52,7 +52,7 @@ class AskRequest:
     options: list[str] | None = None
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     measure_grounding: bool = False
-    sieve: bool = True  # drop predicted specks below measure.SIEVE_SHARE of the model grid before measuring
+    sieve: bool = True  # drop predicted specks (measure.sieve, on the model grid) before measuring
     client_heartbeat_s: float | None = None
     forced_prefix: str | None = None  # teacher-forced start of the reply (tests, demos)
     windows: WindowSettings = field(default_factory=WindowSettings)  # sliding-window mode (settings.windows)

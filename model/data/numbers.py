@@ -14,6 +14,8 @@ import numpy as np
 
 MIN_GAP = 0.15
 LETTERS = "ABCD"
+#: Square metres in one unit of the area units answers and measurement spans are written in.
+AREA_M2 = {"ha": 1e4, "m²": 1.0, "km²": 1e6}
 
 
 def sig(x: float, digits: int = 3) -> float:

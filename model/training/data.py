@@ -220,7 +220,6 @@ _SPAN_FIELDS = {
     "coverage": re.compile(r"(\d+(?:\.\d+)?)% of valid area"),
     "count": re.compile(r"(\d+) objects?\b"),
 }
-_AREA_M2 = {"ha": 1e4, "m²": 1.0, "km²": 1e6}
 
 
 def restated_value(span: str, op: str, unit: str | None) -> str | None:
@@ -229,7 +228,7 @@ def restated_value(span: str, op: str, unit: str | None) -> str | None:
     if m is None:
         return None
     if op == "area":
-        return numbers.fmt_area(float(m.group(1)) * _AREA_M2[m.group(2)], unit)
+        return numbers.fmt_area(float(m.group(1)) * numbers.AREA_M2[m.group(2)], unit)
     if op == "coverage":
         return numbers.fmt_pct(float(m.group(1)))
     return numbers.fmt_count(int(m.group(1)))
@@ -248,11 +247,11 @@ def find_restatement(rec: dict, texts: list[str], exact: bool = True) -> Restate
     piece = segs[0] + 1
     metas = rec.get("seg_masks") or []
     span = metas[segs[0]].get("grounding") if segs[0] < len(metas) else None
-    # only where the unjittered span gives back the written value: a span rounder than the options (0.01 ha
-    # for 0.0113 ha) would teach copying a value that points at the wrong option
     if value not in texts[piece] or not isinstance(span, str):
         return None
     restated = restated_value(span, op, check.get("unit"))
+    # exact: only where the unjittered span gives back the written value, since a span rounder than the options
+    # (0.01 ha for 0.0113 ha) would teach copying a value that points at the wrong option
     if restated is None or (exact and restated != value):
         return None
     return Restatement(piece, texts[piece], value, op, check.get("unit"))

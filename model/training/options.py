@@ -31,7 +31,8 @@ if TYPE_CHECKING:
 
 __all__ = ["OptionPlan", "Redraw", "choice_sentence", "marks_for", "nearest_letter", "plan_for", "redraw", "rewrite"]
 
-_AREA_M2 = {"ha": 1e4, "m²": 1.0, "km²": 1e6}
+#: Where a synthesised trace names its option (model/data/records.py, ``pick_option_sentence``).
+_CHOICE_SENTENCE = re.compile(r" (?:The option that matches|This corresponds to option|So the answer is|Option [A-D],)")
 
 
 @dataclass(frozen=True)
@@ -44,16 +45,16 @@ class OptionPlan:
     value_text: str  # the true value as written ("34.0%", "273 ha", "20")
     n_options: int
     piece: int  # index of the trace's text piece that restates the value (the last one)
-    text: str  # the last text piece of the trace, which restates the value and names the option
+    head: str  # that piece up to the written value ("... which cover ")
+    middle: str  # between the value and the option sentence (" of the valid image area.")
 
 
 @dataclass(frozen=True)
 class Redraw:
-    """One draw: the options (without letters), the true letter, and the true value's option text."""
+    """One draw: the options (without letters) and the true value's letter."""
 
     options: list[str]
     letter: str
-    answer_text: str
 
 
 def _fmt(plan: OptionPlan):
@@ -67,18 +68,24 @@ def _fmt(plan: OptionPlan):
 def _value(plan: OptionPlan, text: str) -> float:
     """A written value in the unit options are compared in (m² for areas)."""
     v = numbers.parse_number(text)
-    return v * _AREA_M2[plan.unit] if plan.op == "area" and plan.unit in _AREA_M2 else v
+    return v * numbers.AREA_M2[plan.unit] if plan.op == "area" else v
 
 
 def plan_for(rec: dict, restate: Restatement, last_piece: int) -> OptionPlan | None:
-    """The plan of a one-mask numeric multiple-choice record whose restating piece is the trace's last."""
+    """The plan of a one-mask numeric multiple-choice record whose restating piece is the trace's last and
+    names its option in a sentence this module can replace (or ends the thinking right after the value)."""
     choices = rec.get("choices") or []
     if restate.piece != last_piece or len(choices) < 2 or restate.op not in ("area", "coverage", "count"):
         return None
-    if restate.op == "area" and restate.unit not in _AREA_M2:
+    if restate.op == "area" and restate.unit not in numbers.AREA_M2:
+        return None
+    head, _, tail = restate.text.partition(restate.value_text)  # the value is in the text (find_restatement)
+    m = _CHOICE_SENTENCE.search(tail)
+    end = m.start() if m else tail.find("</think>")
+    if end < 0:
         return None
     return OptionPlan(str(rec["question"]), restate.op, restate.unit, restate.value_text, len(choices),
-                      restate.piece, restate.text)
+                      restate.piece, head, tail[:end])
 
 
 def redraw(plan: OptionPlan, rng: np.random.Generator) -> Redraw | None:
@@ -91,7 +98,7 @@ def redraw(plan: OptionPlan, rng: np.random.Generator) -> Redraw | None:
         options, letter = numbers.shuffle_options(plan.value_text, distractors, rng)
     except ValueError:
         return None
-    return Redraw([numbers.option_text(o) for o in options], letter, plan.value_text)
+    return Redraw([numbers.option_text(o) for o in options], letter)
 
 
 def nearest_letter(plan: OptionPlan, options: list[str], measured_text: str) -> str | None:
@@ -111,10 +118,6 @@ def nearest_letter(plan: OptionPlan, options: list[str], measured_text: str) -> 
     return numbers.LETTERS[keys.index(best)]
 
 
-#: Where a synthesised trace names its option (model/data/records.py, ``pick_option_sentence``).
-_CHOICE_SENTENCE = re.compile(r" (?:The option that matches|This corresponds to option|So the answer is|Option [A-D],)")
-
-
 def choice_sentence(options: list[str], letter: str, marks: list[str] | None = None) -> str:
     """" The options are A 49.5%, B 99.0%, ...; the nearest is A (49.5%)." ``marks`` tag each option
     ("A 49.5% (above)"): four pairwise comparisons with the value before the nearest is named."""
@@ -132,18 +135,10 @@ def marks_for(plan: OptionPlan, options: list[str], value_text: str) -> list[str
 def rewrite(plan: OptionPlan, draw: Redraw, restated: str | None, letter: str, marks: bool = False) -> str:
     """The last piece with the restated value, the options listed and the named option's letter.
 
-    The piece reads "... covers <value>. The option that matches is B (<value>).</think><answer>B</answer>":
-    the value is replaced by the restated measurement and the option sentence by ``choice_sentence``.
+    The piece read "... covers <value>. The option that matches is B (<value>).</think><answer>B</answer>":
+    the value becomes the restated measurement and the option sentence ``choice_sentence``.
     """
-    text = plan.text
-    cut = text.find(plan.value_text)
-    if cut < 0:
-        return text
-    head, tail = text[:cut], text[cut + len(plan.value_text):]
-    m = _CHOICE_SENTENCE.search(tail)
-    end = m.start() if m else tail.find("</think>")
-    if end < 0:
-        return text
     value = restated or plan.value_text
     tags = marks_for(plan, draw.options, value) if marks else None
-    return head + value + tail[:end] + choice_sentence(draw.options, letter, tags) + f"</think><answer>{letter}</answer>"
+    return (plan.head + value + plan.middle + choice_sentence(draw.options, letter, tags)
+            + f"</think><answer>{letter}</answer>")
