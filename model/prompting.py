@@ -185,3 +185,19 @@ def seg_label(text_before: str) -> str:
     part = clean(_MARKER.sub(" ", part))
     clause = re.split(r"[.;:\n!?]", part)[-1].strip(" ,")
     return clause or part.strip()
+
+
+# The measured answer the worker appends to a grounding span ("[...; measured answer B]", worker/resolve.py);
+# here, free of the worker's geodesy, because the training machine rewrites spans too.
+MEASURED_ANSWER = re.compile(r"; measured answer ([A-H])\]$")
+
+
+def with_measured_answer(span: str, letter: str) -> str:
+    """``span`` ("[... objects]") with "; measured answer <letter>" before its closing bracket (once)."""
+    if not span.endswith("]") or MEASURED_ANSWER.search(span):
+        return span
+    return f"{span[:-1]}; measured answer {letter}]"
+
+
+def strip_measured_answer(span: str) -> str:
+    return MEASURED_ANSWER.sub("]", span)

@@ -2,7 +2,10 @@
 
 Why: a small model draws usable masks but picks letters near chance. Every number that can be computed
 from a mask is computed, so the worker also says which option its own measurements support, and the user
-sees when the model's letter disagrees. Nothing here changes the model's answer or its letter.
+sees when the model's letter disagrees. Nothing here changes the model's answer or its letter; with
+measurement grounding the option the masks drawn so far support is also written into the span the model
+reads after each mask (``span_with_answer``), as a calculator's result would be, so the model's own letter
+can follow its measurements instead of comparing decimals itself.
 
 Inputs are only the question text, the option texts, the masks with their labels (the reasoning text that
 introduced each ``[SEG]``), their images (role, georeferencing, valid pixels) and ``worker.measure``. No bench
@@ -59,9 +62,10 @@ from typing import Any
 
 import numpy as np
 
+from model import prompting
 from worker import measure as M
 
-__all__ = ["MeasuredImage", "MeasuredStep", "choice_check", "measured_choice"]
+__all__ = ["MeasuredImage", "MeasuredStep", "choice_check", "measured_choice", "span_with_answer"]
 
 LETTERS = "ABCDEFGH"
 
@@ -557,3 +561,14 @@ def choice_check(model_choice: str | None, measured: dict | None, options: Seque
     return {"kind": "choice", "stated": model_choice, "measured": letter, "value": measured["value"],
             "value_text": measured["value_text"], "steps": measured["steps"],
             "message": f"{said}, but {measured['message'][0].lower()}{measured['message'][1:]}"}
+
+
+def span_with_answer(span: str, question: str, options: Sequence[str] | None, steps: Sequence[MeasuredStep],
+                     images: Sequence[MeasuredImage]) -> str:
+    """``span`` (a ``measure.grounding_text``) with "; measured answer B" before its closing bracket when the
+    masks so far (``steps``, this one last) resolve the question; else ``span`` unchanged.
+
+    One rule for both sides: the worker calls it after each mask with the masks drawn so far, the Terra-CoT
+    builder with each prefix of a record's ground-truth masks, so training spans read like inference ones."""
+    found = measured_choice(question, options, steps, images)
+    return span if found is None else prompting.with_measured_answer(span, found["choice"])

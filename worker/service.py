@@ -476,7 +476,7 @@ class WorkerService:
         """The model's result, the measured steps, the preparation time, and (steps, images) for resolve."""
         from worker.measure import RasterError, grounding_text, measure_mask, sieve
         from worker.raster import mask_to_request_grid
-        from worker.resolve import MeasuredImage, MeasuredStep
+        from worker.resolve import MeasuredImage, MeasuredStep, span_with_answer
 
         req = job.request
         t0 = time.monotonic()
@@ -500,6 +500,29 @@ class WorkerService:
                     measured[step.step] = (mask, {"note": f"measurement unavailable: {exc.message}"})
             return measured[step.step]
 
+        resolve_images = [MeasuredImage(im.role, p.georef, mask_to_request_grid(p.valid, p))
+                          for p, im in zip(prepared, req.images)]
+        grounded: list[MeasuredStep] = []
+        spans: dict[int, str | None] = {}
+
+        def span_for(step: MaskStep) -> str | None:
+            """The measurement span injected after this mask: its figures and, with options, the option the
+            masks so far support (as the training spans carry it)."""
+            if step.step not in spans:
+                mask, meas = measure(step)
+                span = meas.get("grounding")
+                grounded.append(MeasuredStep(step.step, step.label, step.image_index, mask, meas))
+                if span and req.options:
+                    try:
+                        span = span_with_answer(span, req.question, req.options, grounded, resolve_images)
+                    except Exception:  # noqa: BLE001 -- a rule failure never costs the answer
+                        log.error("request %s: measured answer in span failed:\n%s", req.id, traceback.format_exc())
+                spans[step.step] = span
+            return spans[step.step]
+
+        def grounding(step: MaskStep) -> str | None:
+            return span_for(step)
+
         def on_token(text: str) -> None:
             # injected visual tokens show as <REGION> placeholders: part of `text`, not of the stream
             text = text.replace("<REGION>", "")
@@ -518,17 +541,13 @@ class WorkerService:
                 score=float(step.score),
                 measurements=meas,
                 # the model may call on_mask before grounding(); the span is ours either way
-                grounding_text=step.grounding_text or (meas.get("grounding") if req.measure_grounding else None),
+                grounding_text=step.grounding_text or (span_for(step) if req.measure_grounding else None),
                 grid={"geotransform": list(prep.georef.to_gdal()), "crs_wkt": prep.georef.crs_wkt,
                       "shape": list(mask.shape)},
                 token_indices=[int(i) for i in step.token_indices],
                 modality=list(step.modality),
             )
             self._emit(push, job, ev, {"mask": mask.view(np.uint8)})
-
-        def grounding(step: MaskStep) -> str | None:
-            meas = measure(step)[1]
-            return meas.get("grounding")
 
         assert self.model is not None
         extra = {"forced_prefix": req.forced_prefix} if req.forced_prefix else {}
@@ -550,8 +569,6 @@ class WorkerService:
                 {"step": step.step, "label": step.label, "image": step.image_index, "score": float(step.score)} | meas
             )
             resolve_steps.append(MeasuredStep(step.step, step.label, step.image_index, mask, meas))
-        resolve_images = [MeasuredImage(im.role, p.georef, mask_to_request_grid(p.valid, p))
-                          for p, im in zip(prepared, req.images)]
         return result, steps_out, prep_ms, (resolve_steps, resolve_images)
 
     # --- IO thread ----------------------------------------------------------------------------

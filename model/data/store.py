@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.data.answer_notes import spans_with_answers
 from model.data.facts import Facts
 from model.data.records import Record
 from model.data.scene import Frame, Scene
@@ -157,8 +158,12 @@ class DatasetWriter:
         facts = rec.facts or Facts(rec.scene)
         paths = self.scene(rec.scene)
         images = [{"path": paths[f], "role": role} for f, role in zip(rec.view.frames, rec.view.roles)]
-        segs = [{"path": self.masks.put(facts.mask(s.frame, s.name)), "image": s.image, "label": s.label,
-                 "grounding": s.grounding} for s in rec.segs]
+        masks = [facts.mask(s.frame, s.name) for s in rec.segs]
+        spans = spans_with_answers(rec.question, rec.choices, rec.answer, [s.grounding for s in rec.segs], masks,
+                                   [s.label for s in rec.segs], [s.image for s in rec.segs], rec.view.roles,
+                                   rec.scene.georef, rec.scene.valid)
+        segs = [{"path": self.masks.put(m), "image": s.image, "label": s.label, "grounding": g}
+                for s, m, g in zip(rec.segs, masks, spans)]
         out = {"id": rec.id, "kind": rec.kind, "task": rec.task, "images": images, "question": rec.question}
         if rec.choices is not None:
             out["choices"] = rec.choices

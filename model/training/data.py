@@ -466,7 +466,10 @@ class ExampleBuilder:
                 ids.append(self.region_id)
                 target.append(False)
             if flags[k] and seg.grounding:
-                span = jitter_span(seg.grounding, redraw_jitter if draw is not None else jitter, rng)
+                if draw is None:
+                    span = jitter_span(seg.grounding, jitter, rng)
+                else:  # redrawn options: the letter is named from the jittered value, not from the record's note
+                    span = jitter_span(prompting.strip_measured_answer(seg.grounding), redraw_jitter, rng)
                 g = self.tok.encode(span)
                 ids += g
                 target += [False] * len(g)

@@ -83,3 +83,15 @@ def test_prompt_ids_expand_one_placeholder_per_image_to_the_full_tokenisation(co
                                   ("What is <IMG_CONTEXT> here?", None)]:
             full = ts.tokenizer.encode(build_prompt(template, question, options, ctx.token_counts, ctx.roles))
             assert ts.generator.prompt_ids(ctx, question, options) == full
+
+
+def test_measured_answer_note_is_added_once_and_stripped() -> None:
+    from model.prompting import MEASURED_ANSWER, strip_measured_answer, with_measured_answer
+
+    span = " [area 1.00 ha, 6.2% of valid area, 1 object]"
+    noted = with_measured_answer(span, "C")
+    assert noted == " [area 1.00 ha, 6.2% of valid area, 1 object; measured answer C]"
+    assert MEASURED_ANSWER.search(noted).group(1) == "C"
+    assert with_measured_answer(noted, "A") == noted
+    assert strip_measured_answer(noted) == span and strip_measured_answer(span) == span
+    assert with_measured_answer("no brackets", "B") == "no brackets"

@@ -14,7 +14,9 @@ from model.data.splits import footprint_lonlat, overlapping_pairs
 from model.data.store import georef_from_json, load_mask, load_records, load_tiles, read_georef
 from model.data.trace import SEG, parse_target
 from model.data.verify import check_record
+from model.prompting import MEASURED_ANSWER, strip_measured_answer
 from worker import measure as M
+from worker import resolve as R
 
 KINDS = {"res", "l1", "l2", "cap"}
 KEYS = {"id", "kind", "task", "images", "question", "answer", "target", "seg_masks", "split"}
@@ -103,13 +105,36 @@ def test_parse_target_rejects_malformed(target: str) -> None:
 
 
 def test_grounding_spans_are_what_the_worker_injects(built: Path) -> None:
-    """The span stored with each [SEG] equals worker.measure.grounding_text on that mask and image."""
-    recs = [r for r in _all(built) if r["kind"] in ("l1", "l2")][:60]
+    """The span stored with each [SEG] equals worker.measure.grounding_text on that mask and image, followed,
+    where the record's masks so far resolve its question, by the worker's measured answer of them."""
+    recs = [r for r in _all(built) if r["kind"] in ("l1", "l2")][:120]
+    tiles = {t["id"]: t for t in load_tiles(built)}
+    noted = 0
     for r in recs:
-        for s in r["seg_masks"]:
+        steps = []
+        valid = tiles[r["scene"]]["valid"]
+        valid = None if valid is None else load_mask(built / valid)
+        images = [R.MeasuredImage(im["role"], read_georef(built / im["path"]), valid) for im in r["images"]]
+        for k, s in enumerate(r["seg_masks"]):
             georef = read_georef(built / r["images"][s["image"]]["path"])
-            m = M.measure_mask(load_mask(built / s["path"]), georef)
-            assert s["grounding"] == M.grounding_text(m)
+            mask = load_mask(built / s["path"])
+            m = M.measure_mask(mask, georef)
+            assert strip_measured_answer(s["grounding"]) == M.grounding_text(m)
+            steps.append(R.MeasuredStep(k, s["label"], s["image"], mask if valid is None else mask & valid))
+            if "measured answer" in s["grounding"]:
+                noted += 1
+                assert s["grounding"] == R.span_with_answer(M.grounding_text(m), r["question"], r["choices"], steps,
+                                                            images)
+    assert noted >= 10
+
+
+def test_the_last_measured_answer_of_a_record_is_its_answer(built: Path) -> None:
+    """Training teaches the model to take the letter of the last note: it must always be the true one."""
+    recs = [r for r in _all(built) if any(MEASURED_ANSWER.search(s["grounding"] or "") for s in r["seg_masks"])]
+    assert len(recs) >= 20 and {r["task"] for r in recs} >= {"coverage", "area", "counting"}
+    for r in recs:
+        letters = [m.group(1) for m in (MEASURED_ANSWER.search(s["grounding"] or "") for s in r["seg_masks"]) if m]
+        assert letters[-1] == r["answer"], r["id"]
 
 
 def test_train_and_val_tiles_do_not_share_ground(built: Path) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -326,3 +328,24 @@ def test_options_bucket_draws_the_redrawable_records(setup):
     assert all(ex.options is not None or ex.kind == "res" for ex in drawn)
     assert 0.65 < with_plan / len(drawn) < 0.85  # 3 : 1
     assert {ex.kind for ex in drawn if ex.options is None} == {"res"}
+
+
+def test_measured_answer_in_the_span_is_input_and_redraw_drops_it(setup):
+    """A span's "measured answer" note is read, never predicted; option redraw names its own letter from the
+    jittered value, so the record's note (for the record's own options) is left out there."""
+    from model.prompting import with_measured_answer
+
+    tok, _, builder, _, records = setup
+    rec = json.loads(json.dumps(next(r for r in records if r["id"] == "ca0")))
+    seg = rec["seg_masks"][0]
+    seg["grounding"] = with_measured_answer(seg["grounding"], rec["answer"])
+    ex = builder.build(rec)
+    seq = builder.sequence(ex, True, 0.0, np.random.default_rng(0))
+    span_ids = tok.encode(seg["grounding"])
+    start = seq["seg_pos"][0] + 1 + len(ex.segs[0].local)
+    assert seq["ids"][start:start + len(span_ids)] == span_ids
+    assert all(seq["labels"][p - 1] == IGNORE_INDEX for p in range(start, start + len(span_ids)))
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        redrawn = builder.sequence(ex, True, 0.0, rng, 1.0, 0.6)
+        assert "measured answer" not in tok.decode(redrawn["ids"])

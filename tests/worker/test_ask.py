@@ -82,6 +82,31 @@ def test_streaming_order_masks_and_measurements(worker) -> None:
     assert tokens.startswith("<think>")
 
 
+def test_grounding_span_carries_the_option_the_masks_support(worker) -> None:
+    """With options and measurement grounding, the span after each mask ends with the option its measurement is
+    nearest (recomputed here from the sent mask); the same ask without options gets the bare span."""
+    options = ["A. 5%", "B. 30%", "C. 60%", "D. 95%"]
+    spans = {}
+    for opts in (options, None):
+        header, arrays = small_ask("What share of the image does the bright square cover?", max_new_tokens=40,
+                                   measure_grounding=True, options=opts)
+        header["forced_prefix"] = "<think>The bright square [SEG]"
+        rec = Recorder()
+        with worker.client() as c:
+            done = c.ask(header, arrays, on_event=rec)
+        (ev, arr), = rec.of("mask")[:1]
+        spans[opts is not None] = (ev, arr, done)
+    ev, arr, done = spans[True]
+    pct = 100 * arr["mask"].mean()
+    nearest = "ABCD"[int(np.argmin([abs(pct - v) for v in (5, 30, 60, 95)]))]
+    bare = ev["measurements"]["grounding"]
+    assert ev["grounding_text"] == f"{bare[:-1]}; measured answer {nearest}]"
+    assert done["measured_choice"]["choice"] == nearest
+    ev, _, done = spans[False]
+    assert ev["grounding_text"] == ev["measurements"]["grounding"] and "measured answer" not in ev["grounding_text"]
+    assert done["measured_choice"] is None
+
+
 def test_masks_are_sieved_on_the_model_grid_unless_asked_not_to(worker) -> None:
     """Default: specks under measure.SIEVE_SHARE of the model grid or SIEVE_RELATIVE of the largest object are
     gone from the mask that is sent and measured; ``"sieve": false`` gives the decoder's raw mask (same model, same forced trace)."""

@@ -248,3 +248,24 @@ def test_the_worker_reports_the_measured_choice_and_flags_a_different_letter(wor
     with worker.client() as c:
         done = c.ask(header, arrays)
     assert done["measured_choice"] is None and not [c for c in done["checks"] if c["kind"] == "choice"]
+
+
+# ------------------------------------------------------------------------------- span with answer
+def test_span_gets_the_measured_answer_of_the_masks_so_far() -> None:
+    """The span the worker injects names the option the masks drawn so far support; before they resolve the
+    question (one mask of a distance question) or without options, the span is left as it was."""
+    from worker.measure import grounding_text
+    from worker.resolve import span_with_answer
+
+    a, b = box(grid(), 0, 0, 10, 10), box(grid(), 0, 20, 10, 30)  # 10 px apart: 100 m of grid
+    q, opts = "How far is the lake from the forest?", ["A. 50 m", "B. 100 m", "C. 200 m", "D. 400 m"]
+    first = [step(0, "I segment the lake", a)]
+    span_a = grounding_text(measure_mask(a, GEOREF))
+    assert span_with_answer(span_a, q, opts, first, [img()]) == span_a  # one mask: no distance yet
+    both = first + [step(1, "and the forest", b)]
+    span_b = grounding_text(measure_mask(b, GEOREF))
+    noted = span_with_answer(span_b, q, opts, both, [img()])
+    assert noted == span_b[:-1] + "; measured answer B]"
+    assert span_with_answer(noted, q, opts, both, [img()]) == noted  # never twice
+    assert span_with_answer(span_b, q, None, both, [img()]) == span_b
+    assert span_with_answer(span_b, "Where is the forest?", ["A. north", "B. south"], both, [img()]) == span_b
