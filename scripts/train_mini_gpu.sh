@@ -23,6 +23,11 @@
 #                         again, more RES pairs), from the current export
 #   MARKS_BUDGET_S=500   wall-clock budget of phase 8 (configs/terrascope-mini-options-marks.json: option
 #                         redraw with above/below marks, balanced sampling), from the current export
+#   NOTES_BUDGET_S=500   wall-clock budget of phase 9 (configs/terrascope-mini-answer-notes.json: cached SFT
+#                         on spans that carry the measured answer, from phase 4; needs a pack built from a
+#                         dataset run through model.data.answer_notes)
+#   NOTES_LLM_BUDGET_S=240 wall-clock budget of phase 10 (configs/terrascope-mini-answer-notes-llm.json: phase 9
+#                         with only the LLM trained, from phase 4)
 #   PHASES="1 2 3 4"      which phases to run (each continues from the previous export; phase 3 uses the
 #                         extra fAIr tiles that model.data.extra adds to the pack, see docs/TRAINING.md)
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
@@ -40,6 +45,8 @@ COPY_BUDGET=${COPY_BUDGET_S:-450}
 OPTIONS_BUDGET=${OPTIONS_BUDGET_S:-500}
 OPTIONS2_BUDGET=${OPTIONS2_BUDGET_S:-500}
 MARKS_BUDGET=${MARKS_BUDGET_S:-500}
+NOTES_BUDGET=${NOTES_BUDGET_S:-500}
+NOTES_LLM_BUDGET=${NOTES_LLM_BUDGET_S:-240}
 PHASES=${PHASES:-1 2 3 4}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
@@ -96,6 +103,8 @@ for phase in $PHASES; do
     6) RUN=${RUN_DIR:-out/terrascope-mini}-options; train configs/terrascope-mini-options.json "$OPTIONS_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     7) RUN=${RUN_DIR:-out/terrascope-mini}-options2; train configs/terrascope-mini-options2.json "$OPTIONS2_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     8) RUN=${RUN_DIR:-out/terrascope-mini}-options-marks; train configs/terrascope-mini-options-marks.json "$MARKS_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    9) RUN=${RUN_DIR:-out/terrascope-mini}-answer-notes; train configs/terrascope-mini-answer-notes.json "$NOTES_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    10) RUN=${RUN_DIR:-out/terrascope-mini}-answer-notes-llm; train configs/terrascope-mini-answer-notes-llm.json "$NOTES_LLM_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done
