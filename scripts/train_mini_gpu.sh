@@ -28,7 +28,9 @@
 #                         dataset run through model.data.answer_notes)
 #   NOTES_LLM_BUDGET_S=240 wall-clock budget of phase 10 (configs/terrascope-mini-answer-notes-llm.json: phase 9
 #                         with only the LLM trained, from phase 4)
-#   PHASES="1 2 3 4"      which phases to run (each continues from the previous export; phase 3 uses the
+#   NOTES_FROZEN_BUDGET_S=400 wall-clock budget of phase 11 (configs/terrascope-mini-answer-notes-frozen-sam.json:
+#                         phase 9 with SAM-2 and the seg projector frozen, from phase 4)
+#   PHASES="1 2 3 4 11"   which phases to run (each continues from the previous export; phase 3 uses the
 #                         extra fAIr tiles that model.data.extra adds to the pack, see docs/TRAINING.md)
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
 #   ARTEFACTS=            if set: copy the model, log, plot and summary there as <= 8 files (device runs)
@@ -47,7 +49,8 @@ OPTIONS2_BUDGET=${OPTIONS2_BUDGET_S:-500}
 MARKS_BUDGET=${MARKS_BUDGET_S:-500}
 NOTES_BUDGET=${NOTES_BUDGET_S:-500}
 NOTES_LLM_BUDGET=${NOTES_LLM_BUDGET_S:-240}
-PHASES=${PHASES:-1 2 3 4}
+NOTES_FROZEN_BUDGET=${NOTES_FROZEN_BUDGET_S:-400}
+PHASES=${PHASES:-1 2 3 4 11}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
 RUN=${RUN_DIR:-out/terrascope-mini}
@@ -105,6 +108,7 @@ for phase in $PHASES; do
     8) RUN=${RUN_DIR:-out/terrascope-mini}-options-marks; train configs/terrascope-mini-options-marks.json "$MARKS_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     9) RUN=${RUN_DIR:-out/terrascope-mini}-answer-notes; train configs/terrascope-mini-answer-notes.json "$NOTES_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     10) RUN=${RUN_DIR:-out/terrascope-mini}-answer-notes-llm; train configs/terrascope-mini-answer-notes-llm.json "$NOTES_LLM_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    11) RUN=${RUN_DIR:-out/terrascope-mini}-answer-notes-frozen-sam; train configs/terrascope-mini-answer-notes-frozen-sam.json "$NOTES_FROZEN_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done
