@@ -62,8 +62,9 @@ def test_a_client_without_the_key_gets_nothing(curve_worker) -> None:
         c.ping()
     raw = RawDealer(wp.endpoint)
     try:
-        raw.send([b""] + P.encode_message(P.request("info")))
-        assert raw.recv(1.5) is None
+        # the DEALER may not even take the frames (no connection while the handshake is refused): also nothing
+        if raw.try_send([b""] + P.encode_message(P.request("info"))):
+            assert raw.recv(1.5) is None
     finally:
         raw.close()
     # right server key but a client key the worker does not list: refused by the ZAP handler
