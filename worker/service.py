@@ -505,7 +505,7 @@ class WorkerService:
         grounded: list[MeasuredStep] = []
         spans: dict[int, str | None] = {}
 
-        def span_for(step: MaskStep) -> str | None:
+        def grounding(step: MaskStep) -> str | None:
             """The measurement span injected after this mask: its figures and, with options, the option the
             masks so far support (as the training spans carry it)."""
             if step.step not in spans:
@@ -519,9 +519,6 @@ class WorkerService:
                         log.error("request %s: measured answer in span failed:\n%s", req.id, traceback.format_exc())
                 spans[step.step] = span
             return spans[step.step]
-
-        def grounding(step: MaskStep) -> str | None:
-            return span_for(step)
 
         def on_token(text: str) -> None:
             # injected visual tokens show as <REGION> placeholders: part of `text`, not of the stream
@@ -541,7 +538,7 @@ class WorkerService:
                 score=float(step.score),
                 measurements=meas,
                 # the model may call on_mask before grounding(); the span is ours either way
-                grounding_text=step.grounding_text or (span_for(step) if req.measure_grounding else None),
+                grounding_text=step.grounding_text or (grounding(step) if req.measure_grounding else None),
                 grid={"geotransform": list(prep.georef.to_gdal()), "crs_wkt": prep.georef.crs_wkt,
                       "shape": list(mask.shape)},
                 token_indices=[int(i) for i in step.token_indices],
