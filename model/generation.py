@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from . import fast_decode, prompting, selection
+from . import fast_decode, prompting, regions, selection
 from .configuration_terrascope import TerraScopeConfig
 from .modeling_terrascope import Sam2Features, TerraScopeModel, mask_probabilities, text_relevance
 from .preprocess import (
@@ -264,6 +264,7 @@ class AnswerState:
         self.on_token, self.on_mask, self.grounding = on_token, on_mask, grounding
         self.out_ids: list[int] = []
         self.steps: list[MaskStep] = []
+        self.drawn: list[regions.Drawn] = []  # earlier masks, for the phrase rules (settings.region_rules)
         self.emitted = ""
         self.sam_ms = 0.0
 
@@ -549,6 +550,16 @@ class Generator:
                     if out is masks_sel:
                         probs_sel[i] = probs[j]
 
+        labels = [prompting.seg_label(text_so_far) for _, text_so_far, _ in plan]
+        rules: list[str | None] = [None] * n
+        for i, (st, _, image) in enumerate(plan):
+            if st.settings.region_rules:
+                raw = masks_own[i]
+                masks_own[i], rules[i] = regions.project(labels[i], image, raw, st.drawn)
+                st.drawn.append(regions.Drawn(labels[i], image, raw, masks_own[i]))
+                if rules[i] is not None:
+                    masks_sel[i] = regions.resample(masks_own[i], sel_hw[i])
+
         def select(i: int) -> list[int]:
             st, _, image = plan[i]
             return self._select(st.ctx, image, masks_sel[i], st.settings, st.lam, st.rng)
@@ -559,7 +570,7 @@ class Generator:
                     and all(p[0].settings.injection != "random" for p in plan))
         chosen = list(host_pool().map(select, range(n))) if parallel else [select(i) for i in range(n)]
         built: list[tuple[MaskStep, list[int]]] = []
-        for i, (st, text_so_far, image) in enumerate(plan):
+        for i, (st, _, image) in enumerate(plan):
             ctx, local = st.ctx, chosen[i]
             if ctx.kind == "pair":
                 n_opt = ctx.token_counts[0]
@@ -568,13 +579,13 @@ class Generator:
             else:
                 modality = []
                 flat_idx = [ctx.offsets[image] + j for j in local]
-            step = MaskStep(step=len(st.steps), label=prompting.seg_label(text_so_far), image_index=image,
-                            mask=masks_own[i], score=float(scores[i]), token_indices=list(flat_idx),
-                            modality=modality)
+            step = MaskStep(step=len(st.steps), label=labels[i], image_index=image, mask=masks_own[i],
+                            score=float(scores[i]), token_indices=list(flat_idx), modality=modality,
+                            region_rule=rules[i])
             built.append((step, flat_idx))
         mask_ms = (time.perf_counter() - t0) * 1e3
 
-        regions = self._regions([(st.ctx, flat_idx) for (st, _, _), (_, flat_idx) in zip(plan, built)])
+        region_tokens = self._regions([(st.ctx, flat_idx) for (st, _, _), (_, flat_idx) in zip(plan, built)])
         for i, ((st, _, image), (step, flat_idx)) in enumerate(zip(plan, built)):
             ctx = st.ctx
             if trace_segs is not None:
@@ -586,7 +597,7 @@ class Generator:
                 st.on_mask(step)
             if flat_idx:
                 region_ids = [self.ids.region] * len(flat_idx)
-                inject(i, "region", regions[i], region_ids)
+                inject(i, "region", region_tokens[i], region_ids)
                 st.out_ids.extend(region_ids)
             if st.grounding is not None:
                 span = st.grounding(step)

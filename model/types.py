@@ -39,6 +39,7 @@ class MaskStep:
     token_indices: list[int] = field(default_factory=list)  # visual tokens injected
     modality: list[str] = field(default_factory=list)  # per injected token: "optical"/"sar" (pairs only)
     grounding_text: str | None = None  # measurement span injected after the mask, if any
+    region_rule: str | None = None  # the phrase rule that shaped the mask (model/regions.py), if any
 
 
 @dataclass
@@ -63,6 +64,9 @@ class GenerationSettings:
     injection: InjectionMode = "mask"
     max_tokens_per_seg: int | None = None  # λ; None = the checkpoint's own value
     seed: int = 0
+    # project each mask onto what its phrase defines ("the largest ...", "... in the eastern half"; model/regions.py).
+    # Off here so the model matches the official code; the worker turns it on unless a request says not to.
+    region_rules: bool = False
 
 
 #: Called with each decoded text delta as it is produced.

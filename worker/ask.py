@@ -222,7 +222,7 @@ def _report(args: argparse.Namespace, done: dict, masks: list[tuple[dict, np.nda
         rows.append({
             "step": ev["step"], "label": ev.get("label"), "image": ev.get("image"),
             "area_ha": m.get("area_ha"), "coverage_pct": m.get("coverage_pct"), "count": m.get("count"),
-            "score": ev.get("score"),
+            "score": ev.get("score"), "region_rule": ev.get("region_rule"),
             "geotiff": files["geotiffs"][i] if files else None,
             "layer": files["layers"][i] if files else None,
         })
@@ -247,7 +247,8 @@ def _report(args: argparse.Namespace, done: dict, masks: list[tuple[dict, np.nda
             out.write(f"  window {w['index'] + 1}: {w.get('answer') or '(no answer text)'}"
                       + (f"  (option {w['choice']})" if w.get("choice") else "") + "\n")
     for (ev, _), r in zip(masks, rows):
-        out.write(f"  mask {r['step'] + 1} [{r['label']}]: {_fmt(ev.get('measurements') or {})}\n")
+        rule = f" ({r['region_rule']})" if r["region_rule"] else ""  # model/regions.py shaped the mask
+        out.write(f"  mask {r['step'] + 1} [{r['label']}]{rule}: {_fmt(ev.get('measurements') or {})}\n")
     measured = done.get("measured_choice")
     if measured:  # the option the masks themselves support (worker/resolve.py)
         out.write(f"  measured: option {measured['choice']} ({measured['quantity']} {measured['value_text']}): "

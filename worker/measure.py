@@ -741,24 +741,6 @@ def _fmt_area(m: MaskMeasurements) -> str:
     return f"{m.area_m2:.0f} m²"
 
 
-def half_mask(shape: tuple[int, int], which: str) -> np.ndarray:
-    """Boolean mask of one image half: north / south / west / east (north = top rows; odd sizes: the
-    middle row or column goes to the south / east half). Shared by the data synthesis and worker/resolve.py."""
-    h, w = int(shape[0]), int(shape[1])
-    out = np.zeros((h, w), bool)
-    if which == "north":
-        out[: h // 2] = True
-    elif which == "south":
-        out[h // 2:] = True
-    elif which == "west":
-        out[:, : w // 2] = True
-    elif which == "east":
-        out[:, w // 2:] = True
-    else:
-        raise ValueError(f"unknown half {which!r}")
-    return out
-
-
 def grounding_text(m: MaskMeasurements) -> str:
     """Short measurement span fed back into the reasoning trace after a mask (measurement grounding)."""
     objects = "1 object" if m.count == 1 else f"{m.count} objects"

@@ -63,6 +63,7 @@ from typing import Any
 import numpy as np
 
 from model import prompting
+from model.regions import LARGEST, OTHER, half_mask, largest_object, without_objects_touching
 from worker import measure as M
 
 __all__ = ["MeasuredImage", "MeasuredStep", "choice_check", "measured_choice", "span_with_answer"]
@@ -109,8 +110,6 @@ _COMPARE = re.compile(r"\b(more|larger|largest|bigger|biggest|greater|most|exten
                       r"covers? more)\b", re.IGNORECASE)
 _NOT_COVERED = re.compile(r"\b(within [\d.]+|less than [\d.]+ ?k?m\b|by how much|difference|how much more|rank|"
                           r"order these|predominantly|mainly)\b", re.IGNORECASE)
-_LARGEST = re.compile(r"\b(largest|biggest)\b", re.IGNORECASE)
-_OTHER = re.compile(r"\b(other|remaining|rest)\b", re.IGNORECASE)
 _HALF = re.compile(r"\b(north|south|west|east)(?:ern)? half\b", re.IGNORECASE)
 
 _NUM = r"(-?\d{1,3}(?:,\d{3})+(?:\.\d+)?|-?\d+(?:\.\d+)?)"
@@ -177,14 +176,9 @@ class _Masks:
         return (float(m.area_m2), "m²") if m.area_m2 is not None else (float(m.area_px), "px")
 
     def largest(self, s: MeasuredStep) -> np.ndarray:
-        """The mask's largest 8-connected object (most pixels), or the mask itself when it is empty."""
+        """The mask's largest object ("the largest X", ``model.regions.largest_object``)."""
         if s.step not in self._largest:
-            lab, n = M.label_objects(s.mask)
-            if n == 0:
-                self._largest[s.step] = np.asarray(s.mask, bool)
-            else:
-                sizes = np.bincount(lab.ravel())[1:]
-                self._largest[s.step] = lab == int(np.argmax(sizes)) + 1
+            self._largest[s.step] = largest_object(s.mask)
         return self._largest[s.step]
 
     def pair(self, both_drawn: bool = False) -> tuple[MeasuredStep, MeasuredStep, np.ndarray, np.ndarray] | None:
@@ -196,14 +190,14 @@ class _Masks:
                 if b.image != a.image or b.mask.shape != a.mask.shape:
                     continue
                 ma, mb = np.asarray(a.mask, bool), np.asarray(b.mask, bool)
-                if _LARGEST.search(_label(a)):
+                if LARGEST.search(_label(a)):
                     ma = self.largest(a)
-                    if _OTHER.search(_label(b)):
-                        mb = _without_objects_touching(mb, ma)
-                elif _LARGEST.search(_label(b)):
+                    if OTHER.search(_label(b)):
+                        mb = without_objects_touching(mb, ma)
+                elif LARGEST.search(_label(b)):
                     mb = self.largest(b)
-                    if _OTHER.search(_label(a)):
-                        ma = _without_objects_touching(ma, mb)
+                    if OTHER.search(_label(a)):
+                        ma = without_objects_touching(ma, mb)
                 if both_drawn and not (ma.any() and mb.any()):
                     return None
                 return a, b, ma, mb
@@ -212,17 +206,6 @@ class _Masks:
 
 def _valid(im: MeasuredImage, shape: tuple[int, ...]) -> np.ndarray | None:
     return im.valid if im.valid is not None and im.valid.shape == tuple(shape) else None
-
-
-def _without_objects_touching(mask: np.ndarray, other: np.ndarray) -> np.ndarray:
-    """``mask`` minus its 8-connected objects that overlap ``other``."""
-    lab, n = M.label_objects(mask)
-    if n == 0:
-        return mask
-    hit = np.unique(lab[other & (lab > 0)])
-    return (lab > 0) & ~np.isin(lab, hit)
-
-
 
 
 def _relevant(masks: _Masks, text: str, pool: Sequence[MeasuredStep] | None = None) -> MeasuredStep | None:
@@ -338,7 +321,7 @@ def _restricted(q: str, s: MeasuredStep) -> tuple[np.ndarray | None, str]:
     if not m:
         return None, ""
     which = m.group(1).lower()
-    return np.asarray(s.mask, bool) & M.half_mask(s.mask.shape, which), f" in the {which}ern half"
+    return np.asarray(s.mask, bool) & half_mask(s.mask.shape, which), f" in the {which}ern half"
 
 
 def _coverage(q: str, texts: list[str], values: list[float], masks: _Masks) -> dict | None:
@@ -513,7 +496,7 @@ def _larger_half(texts: list[str], halves: list[str], masks: _Masks) -> dict | N
         union |= np.asarray(s.mask, bool)
     if not union.any():
         return None
-    measured = [masks.area(pool[0], union & M.half_mask(union.shape, h)) for h in halves]
+    measured = [masks.area(pool[0], union & half_mask(union.shape, h)) for h in halves]
     unit = measured[0][1]
     parts = ", ".join(f"{_fmt_area(a, unit)} in the {h}ern half" for (a, _), h in zip(measured, halves))
     return _largest(texts, measured, [s.step for s in pool], f"{_mask_names(pool)} measure {parts}")

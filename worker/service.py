@@ -543,6 +543,7 @@ class WorkerService:
                       "shape": list(mask.shape)},
                 token_indices=[int(i) for i in step.token_indices],
                 modality=list(step.modality),
+                region_rule=step.region_rule,
             )
             self._emit(push, job, ev, {"mask": mask.view(np.uint8)})
 
@@ -563,7 +564,8 @@ class WorkerService:
         for step in result.steps:
             mask, meas = measure(step)
             steps_out.append(
-                {"step": step.step, "label": step.label, "image": step.image_index, "score": float(step.score)} | meas
+                {"step": step.step, "label": step.label, "image": step.image_index, "score": float(step.score),
+                 "region_rule": step.region_rule} | meas
             )
             resolve_steps.append(MeasuredStep(step.step, step.label, step.image_index, mask, meas))
         return result, steps_out, prep_ms, (resolve_steps, resolve_images)

@@ -286,6 +286,11 @@ def validate_ask(
     sieve = header.get("sieve", True)
     if not isinstance(sieve, bool):
         raise _err(P.BAD_FIELD, "'sieve' must be true or false", rid)
+    region_rules = header.get("region_rules", True)
+    if not isinstance(region_rules, bool):
+        raise _err(P.BAD_FIELD, "'region_rules' must be true or false", rid)
+    settings = _settings(header.get("settings"), rid)
+    settings.region_rules = region_rules
     hb = header.get("client_heartbeat_s")
     if hb is not None:
         hb = float(_number(hb, "client_heartbeat_s", rid, 0.05, 60.0))
@@ -298,7 +303,7 @@ def validate_ask(
         question=question,
         images=images,
         options=options,
-        settings=_settings(header.get("settings"), rid),
+        settings=settings,
         windows=_windows(header["settings"].get("windows") if isinstance(header.get("settings"), dict) else None,
                          rid),
         measure_grounding=grounding,

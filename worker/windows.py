@@ -23,7 +23,7 @@ import collections
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -402,7 +402,9 @@ class WindowedRun:
 
         extra = {"forced_prefix": req.forced_prefix} if req.forced_prefix else {}
         t1 = time.monotonic()
-        result = self.model.answer(images, req.question, req.options, settings=req.settings, on_token=on_token,
+        # "the largest X" or "the eastern half" of one window is not that of the raster: no phrase rules here
+        settings = replace(req.settings, region_rules=False)
+        result = self.model.answer(images, req.question, req.options, settings=settings, on_token=on_token,
                                    grounding=grounding if req.measure_grounding else None,
                                    should_stop=self.should_stop, **extra)
         self.timings["model"] += (time.monotonic() - t1) * 1000

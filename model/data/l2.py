@@ -24,7 +24,7 @@ from model.data.records import (
 )
 from model.data.scene import be, object_text, objects_text, region_text
 from model.data.trace import Trace
-from worker.measure import half_mask
+from model.regions import half_mask
 
 #: Relative area gap below which "which is larger" is not asked (answers must be unambiguous).
 CLEAR_GAP = 0.15

@@ -55,6 +55,7 @@ def assert_same(a, b) -> None:
         assert x.modality == y.modality
         assert x.label == y.label
         assert x.grounding_text == y.grounding_text
+        assert x.region_rule == y.region_rule
         assert x.mask.shape == y.mask.shape
         diff = x.mask != y.mask
         if hasattr(a, "probs"):
@@ -88,6 +89,23 @@ def test_fast_and_naive_give_identical_traces_and_masks(compat, prefill_attentio
     s = GenerationSettings(max_new_tokens=24)
     assert_same(naive(ts, ctx, "Describe the scene.", s), fd.fast_run(ts.generator, ctx, "Describe the scene.",
                                                                       None, s))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+def test_phrase_rules_shape_masks_the_same_on_both_paths(device):
+    """model/regions.py runs inside the shared [SEG] handling: the fast path (CUDA graphs on a GPU) applies the
+    same rules."""
+    ts = sharp_scope()
+    ts.model.to(device)
+    ctx = ts.prepare([ImageInput(rand_image(90, 200, seed=1))])
+    forced = ts.tokenizer.encode("<think>I segment the largest building [SEG] and the other buildings [SEG] and "
+                                 "the buildings in the western half [SEG]")
+    s = GenerationSettings(max_new_tokens=80, region_rules=True)
+    a = naive(ts, ctx, "How far apart are they?", s, forced_ids=forced)
+    b = fd.fast_run(ts.generator, ctx, "How far apart are they?", None, s, forced_ids=forced)
+    assert [x.region_rule for x in a.steps] == ["largest object", "objects other than the largest", "western half"]
+    assert_same(a, b)
 
 
 def test_pair_series_and_no_injection_match():

@@ -137,6 +137,36 @@ def test_masks_are_sieved_on_the_model_grid_unless_asked_not_to(worker) -> None:
     assert len(masks[True]) == 2 and specks > 0  # the random-weight model does leave specks to remove
 
 
+def test_phrase_rules_shape_the_mask_sent_and_measured_unless_asked_not_to(worker) -> None:
+    """Default: "the largest ..." sends and measures the decoder mask's largest 4-connected object and says so
+    (``region_rule``); ``"region_rules": false`` sends the decoder's mask. The sieve is off to compare raw masks."""
+    from scipy import ndimage
+
+    speckled = np.random.default_rng(0).integers(0, 255, (3, 256, 256), np.uint8)
+    got = {}
+    for rules in (True, False):
+        header, arrays = P.build_ask("How far is the largest building from the others?",
+                                     [P.RasterPayload(speckled, GT10, UTM33)], settings={"max_new_tokens": 40})
+        header["forced_prefix"] = "<think>I segment the largest building [SEG] and the other buildings [SEG]"
+        header["sieve"] = False
+        header["region_rules"] = rules
+        rec = Recorder()
+        with worker.client() as c:
+            done = c.ask(header, arrays, on_event=rec)
+        got[rules] = ([(ev, arr["mask"].astype(bool)) for ev, arr in rec.of("mask")], done)
+    (ruled, done_ruled), (raw, done_raw) = got[True], got[False]
+    assert [ev["region_rule"] for ev, _ in ruled] == ["largest object", "objects other than the largest"]
+    assert [ev["region_rule"] for ev, _ in raw] == [None, None]
+    assert [s["region_rule"] for s in done_raw["measurements"]] == [None, None]
+    assert [s["region_rule"] for s in done_ruled["measurements"]] == ["largest object", "objects other than the largest"]
+    lab, n = ndimage.label(raw[0][1], structure=ndimage.generate_binary_structure(2, 1))
+    assert n > 1, "the random-weight model should draw several objects here"
+    biggest = lab == np.argmax(np.bincount(lab.ravel())[1:]) + 1
+    assert np.array_equal(ruled[0][1], biggest)
+    assert ruled[0][0]["measurements"]["area_px"] == int(biggest.sum())
+    assert ruled[0][0]["measurements"]["count"] == 1
+
+
 def test_masks_come_back_on_the_request_grid_of_a_60_mb_raster(worker) -> None:
     data = np.zeros((3, 4480, 4480), np.uint8)  # 60 MB; the model sees a 256 px view
     data[:, 1000:3000, 500:2500] = 200

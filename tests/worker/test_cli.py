@@ -121,7 +121,8 @@ def _check_answer(out: dict, question: str) -> None:
     assert out["timings_ms"]["total"] > 0
     assert len(out["masks"]) == len(out["measurements"])
     for m in out["masks"]:
-        assert set(m) >= {"step", "label", "image", "area_ha", "coverage_pct", "count", "score", "geotiff", "layer"}
+        assert set(m) >= {"step", "label", "image", "area_ha", "coverage_pct", "count", "score", "region_rule",
+                          "geotiff", "layer"}
 
 
 def test_ask_json_in_process_writes_results(tmp_path) -> None:
@@ -153,8 +154,10 @@ def test_ask_against_a_running_worker(worker, tmp_path) -> None:
                "--json")
     assert proc.returncode == 0, proc.stderr
     _check_answer(json.loads(proc.stdout), "What is here?")
-    text = cli("ask", str(img), "-q", "What is here?", "--endpoint", worker.endpoint, "--max-new-tokens", "8")
+    text = cli("ask", str(img), "-q", "What is here?", "--endpoint", worker.endpoint, "--max-new-tokens", "40",
+               "--forced-prefix", "<think>I segment the buildings in the eastern half [SEG]")
     assert text.returncode == 0 and "Answer:" in text.stdout
+    assert "  mask 1 [I segment the buildings in the eastern half] (eastern half): " in text.stdout
     # two IMAGEs = a time series t0, t1; masks come back per image and are written with --out
     later = write_tif(tmp_path / "later.tif", raster(40, 40, seed=5))
     proc = cli("ask", str(img), str(later), "-q", "What changed?", "--endpoint", worker.endpoint,

@@ -58,6 +58,7 @@ def test_missing_and_bad_fields() -> None:
     assert _code(*_ask(settings={"injection": "paint"})) == P.BAD_FIELD
     assert _code(*_ask(measure_grounding="yes")) == P.BAD_FIELD
     assert _code(*_ask(sieve="no")) == P.BAD_FIELD
+    assert _code(*_ask(region_rules=1)) == P.BAD_FIELD
     assert _code(*_ask(client_heartbeat_s=0)) == P.BAD_FIELD
 
 
@@ -120,3 +121,8 @@ def test_paths_need_an_allow_list(tmp_path) -> None:
     assert req.images[0].path == f.resolve()
     both = dict(header, images=[{"path": str(f), "array": "image0"}])
     assert _code(both, {"image0": np.zeros((3, 8, 8), "u1")}, allow_paths=[tmp_path]) == P.MISSING_FIELD
+
+
+def test_phrase_rules_are_on_unless_a_request_turns_them_off() -> None:
+    assert validate_ask(*_ask()).settings.region_rules is True
+    assert validate_ask(*_ask(region_rules=False)).settings.region_rules is False
