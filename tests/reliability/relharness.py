@@ -153,8 +153,18 @@ class RawClient:
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
 
-    def send(self, frames: list[Any]) -> None:
-        self.sock.send_multipart([b""] + list(frames), copy=False)
+    def try_send(self, frames: list[Any], timeout_s: float = 3.0) -> bool:
+        """Queue ``frames``; False when no connection took them within ``timeout_s``. A DEALER blocks while it
+        has no connected peer (e.g. a refused CURVE handshake between reconnects), so a bare send could hang."""
+        self.sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+        try:
+            self.sock.send_multipart([b""] + list(frames), copy=False)
+        except zmq.Again:
+            return False
+        return True
+
+    def send(self, frames: list[Any], timeout_s: float = 10.0) -> None:
+        assert self.try_send(frames, timeout_s), f"no connection to the worker took the frames in {timeout_s} s"
 
     def send_msg(self, header: dict, arrays: dict | None = None) -> None:
         self.send(P.encode_message(header, arrays))
