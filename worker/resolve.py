@@ -40,9 +40,10 @@ Rules, tried in this order; the quantity comes from the option units and the que
 
 Label rules used by the quantities above:
 - relevant mask: the mask whose label shares most words with the question; the first mask on a tie or no match;
-- a mask labelled "largest/biggest X" stands for its largest object (8-connected, most pixels); a mask labelled
-  "other X" next to it stands for its objects that do not overlap that largest object (the model often draws
-  all X for both);
+- a mask labelled "largest/biggest X" stands for its largest object (4-connected, most pixels, as the data
+  defines it: ``model.regions``); a mask labelled "other X" next to it stands for its 8-connected objects that
+  do not overlap that largest object (masks from the worker already follow these rules, model/regions.py; these
+  keep resolve right for masks made without them, such as sliding windows or ``"region_rules": false``);
 - a question naming one half ("in the northern half") restricts count, area and coverage to that half;
 - masks whose label describes the change itself (destroyed, lost ...) are not the before/after masks.
 

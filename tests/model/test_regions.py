@@ -41,13 +41,19 @@ def test_other_takes_the_rest_of_the_largest_mask_without_what_touches_it():
     assert np.array_equal(out, canvas((0, 0, 3, 3), (0, 9, 2, 11)))
 
 
-def test_other_without_an_earlier_largest_or_on_another_image_is_unchanged():
+def test_other_without_an_earlier_largest_of_the_same_thing_on_the_same_image_is_unchanged():
     m = canvas((0, 0, 3, 3))
     assert project("and the other buildings", 0, m, [])[1] is None
     first = canvas((6, 2, 8, 7))
-    earlier = [Drawn("the largest building", 1, first, first)]
-    out, rule = project("and the other buildings", 0, m, earlier)
-    assert rule is None and np.array_equal(out, m)
+    for earlier in ([Drawn("the largest building", 1, first, first)],  # another image
+                    [Drawn("I segment the largest field", 0, first, first)]):  # another thing
+        out, rule = project("and the other bank of the river", 0, m, earlier) if "field" in earlier[0].label \
+            else project("and the other buildings", 0, m, earlier)
+        assert rule is None and np.array_equal(out, m)
+    # singular and plural, "remaining", "rest of": one thing
+    earlier = [Drawn("I segment the largest water body", 0, first, first)]
+    for label in ("and the other water bodies", "the remaining water bodies", "the rest of the water bodies"):
+        assert project(label, 0, m | first, earlier)[1] == "objects other than the largest"
 
 
 @pytest.mark.parametrize(("which", "rows", "cols"), [
