@@ -38,12 +38,14 @@ def step_card_html(step: StepRecord, image_url: str | None) -> str:
     label = html.escape(" ".join(step.label.split())[-80:] or "mask")
     img = (f'<td width="{THUMB_PX + 6}"><img src="{image_url}" width="{THUMB_PX}" height="{THUMB_PX}"></td>'
            if image_url else "")
+    rule = (f'<span style="color:#777">shaped by its phrase: {html.escape(step.region_rule)}</span><br>'
+            if step.region_rule else "")
     return (
         f'<table cellspacing="0" cellpadding="3" width="100%" bgcolor="#f3f5f8" '
         f'style="border-left:4px solid {color}; margin-top:4px; margin-bottom:4px"><tr>{img}<td valign="middle">'
         f'<span style="color:{color}; font-weight:bold">■ Step {step.step + 1}</span><br>'
         f'<span style="font-size:large; font-weight:bold">{area_text(step.area_ha)}</span><br>'
-        f'<span style="color:#555">{label}</span><br>'
+        f'<span style="color:#555">{label}</span><br>{rule}'
         f'<span style="color:#777">score {step.score:.2f}</span></td></tr></table>'
     )
 

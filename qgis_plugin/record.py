@@ -24,6 +24,7 @@ class StepRecord:
     transform: Transform
     crs_wkt: str
     image_index: int = 0
+    region_rule: str | None = None  # what the phrase rule did to the mask ("largest object"), if anything
     worker_area_ha: float | None = None  # the worker's own figure, for the agreement check
     measurements: dict = field(default_factory=dict)  # everything else the worker measured
     polygons: list[Polygon] = field(default_factory=list)
@@ -103,7 +104,7 @@ def to_markdown(record: AskRecord) -> str:
         lines += ["## Steps", "", "| step | label | area | perimeter | score |", "|---:|---|---:|---:|---:|"]
         for s in record.steps:
             per = "n/a" if s.perimeter_m is None else f"{s.perimeter_m:,.0f} m"
-            label = s.label.replace("|", "\\|").replace("\n", " ")
+            label = s.label.replace("|", "\\|").replace("\n", " ") + (f" ({s.region_rule})" if s.region_rule else "")
             lines.append(f"| {s.step + 1} | {label} | {_fmt_ha(s.area_ha)} | {per} | {s.score:.2f} |")
         lines.append("")
     if record.gpkg_path:

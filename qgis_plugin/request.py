@@ -139,6 +139,7 @@ class EventFolder:
         return StepRecord(step=int(ev.get("step", len(self.record.steps))), label=str(ev.get("label", "")),
                           score=float(ev.get("score") or 0.0), mask=mask, transform=transform,  # type: ignore[arg-type]
                           crs_wkt=str(grid.get("crs_wkt") or window.crs_wkt or ""), image_index=index,
+                          region_rule=str(ev["region_rule"]) if ev.get("region_rule") else None,
                           worker_area_ha=float(area) if isinstance(area, (int, float)) else None,
                           measurements=meas)
 

@@ -53,3 +53,29 @@ def test_the_measured_choice_shows_under_the_answer_and_in_markdown(qgis_iface):
     plain = AskRecord(question="Where?")
     EventFolder(plain, windows=[]).on_event({"event": "done", "answer": "north", "measured_choice": None}, {})
     assert plain.measured_choice is None and "Measured" not in to_markdown(plain)
+
+
+def test_a_phrase_rule_on_a_mask_shows_on_its_step_card_and_in_markdown(qgis_iface):
+    import numpy as np
+
+    from qgis_plugin.output_view import step_card_html
+    from qgis_plugin.rasters import RasterWindow
+
+    utm = "EPSG:32633"
+    window = RasterWindow(np.zeros((3, 8, 8), np.uint8), (500000.0, 10.0, 0.0, 4649000.0, 0.0, -10.0), utm, [None],
+                          ["red", "green", "blue"])
+    record = AskRecord(question="How far is the largest building from the others?")
+    folder = EventFolder(record, windows=[window])
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:4, 2:5] = 1
+    grid = {"geotransform": list(window.transform), "crs_wkt": utm, "shape": [8, 8]}
+    for step, label, rule in ((0, "I segment the largest building", "largest object"),
+                              (1, "and the water", None)):
+        folder.on_event({"event": "mask", "step": step, "label": label, "image": 0, "score": 0.9, "grid": grid,
+                         "measurements": {"area_px": 6, "area_ha": 0.06}, "region_rule": rule}, {"mask": mask})
+    ruled, plain = record.steps
+    assert ruled.region_rule == "largest object" and plain.region_rule is None
+    assert "shaped by its phrase: largest object" in step_card_html(ruled, None)
+    assert "shaped by its phrase" not in step_card_html(plain, None)
+    md = to_markdown(record)
+    assert "| 1 | I segment the largest building (largest object) |" in md and "| 2 | and the water |" in md
