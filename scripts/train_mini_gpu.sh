@@ -30,6 +30,13 @@
 #                         with only the LLM trained, from phase 4)
 #   NOTES_FROZEN_BUDGET_S=400 wall-clock budget of phase 11 (configs/terrascope-mini-answer-notes-frozen-sam.json:
 #                         phase 9 with SAM-2 and the seg projector frozen, from phase 4)
+#   MORE_BUILDINGS_BUDGET_S=450 wall-clock budget of phase 12 (configs/terrascope-mini-more-buildings.json: phase
+#                         4's SAM-2 stages with the LLM frozen, on a pack with the fAIr / ramp tiles of
+#                         model.data.extra --ramp), from phase 11
+#   DECODER_BUDGET_S=330  wall-clock budget of phase 13 (configs/terrascope-mini-more-buildings-decoder.json: only
+#                         the mask decoder side on phase 12's pack, encoders cached, LLM frozen), from phase 11
+#   RAMP=...              ramp-data/TRAIN/HOTOSM/2 of hotosm/fAIr-utilities @ d83e21c (only when the pack must
+#                         be built: its tiles join the train split)
 #   PHASES="1 2 3 4 11"   which phases to run (each continues from the previous export; phase 3 uses the
 #                         extra fAIr tiles that model.data.extra adds to the pack, see docs/TRAINING.md)
 #   NPROC=1               GPUs: >1 runs torchrun (DDP), one process a GPU
@@ -50,6 +57,8 @@ MARKS_BUDGET=${MARKS_BUDGET_S:-500}
 NOTES_BUDGET=${NOTES_BUDGET_S:-500}
 NOTES_LLM_BUDGET=${NOTES_LLM_BUDGET_S:-240}
 NOTES_FROZEN_BUDGET=${NOTES_FROZEN_BUDGET_S:-400}
+MORE_BUILDINGS_BUDGET=${MORE_BUILDINGS_BUDGET_S:-450}
+DECODER_BUDGET=${DECODER_BUDGET_S:-330}
 PHASES=${PHASES:-1 2 3 4 11}
 NPROC=${NPROC:-1}
 SAVE=${SAVE_DIR:-resources/models/terrascope-mini}
@@ -62,6 +71,7 @@ if [ ! -f "$PACK/train.jsonl" ] && [ ! -f "$PACK/train.jsonl.gz" ]; then
     "$PY" -m model.data.build --src "${EO_SAMPLES:?the pack $PACK is missing: set EO_SAMPLES to build it}" \
       --out "$DATA" --seed 0
     "$PY" -m model.data.extra --src "$EO_SAMPLES" --data "$DATA" --l1-per-tile 2
+    if [ -n "${RAMP:-}" ]; then "$PY" -m model.data.extra --ramp "$RAMP" --data "$DATA" --l1-per-tile 2; fi
   fi
   "$PY" -m model.training.pack --data "$DATA" --out "$PACK" --format jpg --quality 80 --val-limit 64 --gzip
 fi
@@ -109,6 +119,8 @@ for phase in $PHASES; do
     9) RUN=${RUN_DIR:-out/terrascope-mini}-answer-notes; train configs/terrascope-mini-answer-notes.json "$NOTES_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     10) RUN=${RUN_DIR:-out/terrascope-mini}-answer-notes-llm; train configs/terrascope-mini-answer-notes-llm.json "$NOTES_LLM_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     11) RUN=${RUN_DIR:-out/terrascope-mini}-answer-notes-frozen-sam; train configs/terrascope-mini-answer-notes-frozen-sam.json "$NOTES_FROZEN_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    12) RUN=${RUN_DIR:-out/terrascope-mini}-more-buildings; train configs/terrascope-mini-more-buildings.json "$MORE_BUILDINGS_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
+    13) RUN=${RUN_DIR:-out/terrascope-mini}-more-buildings-decoder; train configs/terrascope-mini-more-buildings-decoder.json "$DECODER_BUDGET" "$RUN" --init-from "$SAVE" "$@" ;;
     *) echo "unknown phase $phase" >&2; exit 2 ;;
   esac
 done

@@ -12,6 +12,11 @@ the same and a model trained on the old dataset is not contaminated by the new o
   drawn from the same candidate generators the build uses, with answers computed from the masks.
 
     python -m model.data.extra --src EO_SAMPLES --data DATASET [--max-tiles N] [--l1-per-tile 1] [--margin 0] [--seed 0]
+    python -m model.data.extra --ramp RAMP_DIR --data DATASET [...]
+
+``--ramp`` reads the fAIr / ramp training data the EO samples' fAIr tiles came from (hotosm/fAIr-utilities,
+``ramp-data/TRAIN/HOTOSM/2`` at commit d83e21c; OpenAerialMap imagery CC BY 4.0, OpenStreetMap buildings
+ODbL): about 1,100 tiles the EO samples do not hold, in Zanzibar and two more places (Nairobi, Catanduanes).
 
 Records are appended to ``train.jsonl``; scenes to ``tiles.json``; ``build.json`` gets an ``extra`` entry.
 """
@@ -119,9 +124,32 @@ def add_tiles(data: Path, scenes: Iterable[Scene], max_tiles: int | None = None,
     return extra
 
 
+RAMP_CREDIT = """
+## Tiles added by `python -m model.data.extra --ramp`
+
+From `hotosm/fAIr-utilities` @ d83e21c, `ramp-data/TRAIN/HOTOSM/2/data/<n>` and `labels/<n>` (the fAIr / ramp
+training data of the Humanitarian OpenStreetMap Team): Zanzibar (1), Catanduanes, Philippines (4), Nairobi (5).
+Only data files were used.
+
+- "Imagery © OpenAerialMap contributors (Open Imagery Network), CC BY 4.0."
+- "Building footprints © OpenStreetMap contributors, ODbL 1.0 (openstreetmap.org/copyright)."
+"""
+
+
+def credit_ramp(data: Path) -> None:
+    """The dataset's ATTRIBUTION.md names where the ramp tiles came from (once)."""
+    path = data / "ATTRIBUTION.md"
+    text = path.read_text(encoding="utf-8") if path.is_file() else ""
+    if "model.data.extra --ramp" not in text:
+        path.write_text(text.rstrip("\n") + "\n" + RAMP_CREDIT, encoding="utf-8")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m model.data.extra", description=__doc__.split("\n\n")[0])
-    p.add_argument("--src", required=True, type=Path, help="EO samples folder (with MANIFEST.json)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--src", type=Path, help="EO samples folder (with MANIFEST.json)")
+    src.add_argument("--ramp", type=Path, help="fAIr / ramp training folder: ramp-data/TRAIN/HOTOSM/2 of "
+                     "hotosm/fAIr-utilities at commit d83e21c (data/<n>/*.png, labels/<n>/*.tif)")
     p.add_argument("--data", required=True, type=Path, help="a dataset folder built by model.data.build")
     p.add_argument("--max-tiles", type=int, default=None)
     p.add_argument("--l1-per-tile", type=int, default=1)
@@ -129,7 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     try:
-        add_fair(a.src, a.data, a.max_tiles, a.l1_per_tile, a.seed, a.margin)
+        if a.ramp is not None:
+            add_tiles(a.data, sources.ramp_tiles(a.ramp), a.max_tiles, a.l1_per_tile, a.seed, a.margin)
+            credit_ramp(a.data)
+        else:
+            add_fair(a.src, a.data, a.max_tiles, a.l1_per_tile, a.seed, a.margin)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -13,6 +13,8 @@ model is trained on exactly the view it gets at run time.
 from __future__ import annotations
 
 import json
+import math
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,15 +66,20 @@ def load_manifest(src: Path) -> list[dict]:
 def fair_tile(image: Path, mask: Path, aoi: str, xyz: tuple[int, int, int], resolution_m: float = 0.0,
               sample_id: str | None = None) -> Scene:
     """One fAIr building tile (256 x 256 aerial RGB + building mask); block = its zoom-18 parent tile."""
-    x, y, z = xyz
     data, georef, names = _read(image)
     with _open(mask) as ds:
         m = ds.read(1) > 0
+    return _fair_scene(data, georef, names, m, aoi, xyz, resolution_m, sample_id)
+
+
+def _fair_scene(data: np.ndarray, georef: Georef, names: list[str] | None, mask: np.ndarray, aoi: str,
+                xyz: tuple[int, int, int], resolution_m: float, sample_id: str | None) -> Scene:
+    x, y, z = xyz
     pixels, valid = _view(data, georef, names, sensor="rgb")
     return Scene(
         id=sample_id or f"fair_{aoi}_OAM-{x}-{y}-{z}", source=f"fair_{aoi}",
         block=f"fair_{aoi}_z18_{x >> (z - 18)}_{y >> (z - 18)}", georef=georef,
-        frames=[Frame(pixels, "optical", {"building": m})], valid=valid, vocabulary=("building",),
+        frames=[Frame(pixels, "optical", {"building": mask})], valid=valid, vocabulary=("building",),
         countable=("building",), sensor="aerial RGB", gsd_m=float(resolution_m or 0.0), notes=[f"z{z}"],
     )
 
@@ -95,6 +102,40 @@ def fair_tiles(src: Path, zooms: tuple[int, ...] = (19, 20, 21), max_per_aoi: in
         for s in items:
             yield fair_tile(src / s["images"][0]["file"], src / s["labels"][0]["file"], aoi,
                             tuple(s["tile_xyz"]), float(s.get("resolution_m") or 0.0), s["id"])
+
+
+#: Folders of the fAIr / ramp training data (hotosm/fAIr-utilities, ramp-data/TRAIN/HOTOSM/2 at commit d83e21c)
+#: -> the place they show. The EO samples hold folders 1 (part), 2 and 3 under these same names, so a tile of
+#: theirs keeps its id and zoom-18 block (and stays out of validation blocks); 4 and 5 are new places.
+RAMP_AOIS = {"1": "zanzibar", "2": "kampala", "3": "kathmandu", "4": "catanduanes", "5": "nairobi"}
+_RAMP_NAME = re.compile(r"^OAM-(\d+)-(\d+)-(\d+)$")
+
+
+def ramp_tiles(ramp: Path, zooms: tuple[int, ...] = (19, 20, 21)) -> Iterator[Scene]:
+    """Every tile of a fAIr / ramp training folder: ``data/<n>/OAM-x-y-z.png`` (RGB) with
+    ``labels/<n>/OAM-x-y-z.tif`` (the building mask, whose georeferencing the PNG lacks)."""
+    if not (ramp / "data").is_dir() or not (ramp / "labels").is_dir():
+        raise SourceError(f"{ramp} is not a fAIr / ramp training folder (no data/ and labels/)")
+    from PIL import Image
+
+    for folder, aoi in RAMP_AOIS.items():
+        for png in sorted((ramp / "data" / folder).glob("OAM-*.png")):
+            m = _RAMP_NAME.match(png.stem)
+            label = ramp / "labels" / folder / f"{png.stem}.tif"
+            if not m or not label.is_file() or int(m.group(3)) not in zooms:
+                continue
+            x, y, z = (int(v) for v in m.groups())
+            with _open(label) as ds:
+                mask = ds.read(1) > 0
+                georef = Georef.from_dataset(ds)
+            rgb = np.asarray(Image.open(png).convert("RGB"))
+            if rgb.shape[:2] != mask.shape:
+                raise SourceError(f"{png} is {rgb.shape[1]} x {rgb.shape[0]} but its label is "
+                                  f"{mask.shape[1]} x {mask.shape[0]}")
+            lat = math.degrees(math.atan(math.sinh(math.pi * (1 - 2 * (y + 0.5) / 2 ** z))))
+            gsd = 40075016.686 * math.cos(math.radians(lat)) / (256 * 2 ** z)
+            yield _fair_scene(rgb.transpose(2, 0, 1), georef, ["red", "green", "blue"], mask, aoi, (x, y, z), gsd,
+                              None)
 
 
 # ------------------------------------------------------------------------------------ SpaceNet Atlanta

@@ -57,3 +57,62 @@ def test_margin_refuses_the_blocks_around_validation(built: Path, tmp_path: Path
     extra = add_tiles(data, fresh, margin=1, log=lambda *_: None)
     assert extra["tiles_skipped_val"] == len(near)
     assert neighbours("fair_zanzibar_z18_10_20") >= {"fair_zanzibar_z18_9_19", "fair_zanzibar_z18_11_21"}
+
+
+def _ramp_folder(root: Path) -> Path:
+    """A fAIr / ramp training folder as hotosm/fAIr-utilities lays it out: PNG tiles without georeferencing and
+    label GeoTIFFs, made from the fixture's real Zanzibar tiles (folder 1) plus one put under folder 5."""
+    import numpy as np
+    import rasterio
+    from PIL import Image
+
+    for folder, name, src in (("1", "OAM-319295-270960-19", "OAM-319295-270960-19"),
+                              ("1", "OAM-319295-270961-19", "OAM-319295-270961-19"),
+                              ("5", "OAM-1263512-1056200-21", "OAM-319298-270960-19")):
+        (root / "data" / folder).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / folder).mkdir(parents=True, exist_ok=True)
+        with rasterio.open(DATA / f"fair_zanzibar/{src}.tif") as ds:
+            Image.fromarray(np.moveaxis(ds.read(), 0, -1)).save(root / "data" / folder / f"{name}.png")
+        shutil.copy(DATA / f"fair_zanzibar/{src}.mask.tif", root / "labels" / folder / f"{name}.tif")
+    Image.new("RGB", (256, 256)).save(root / "data" / "5" / "OAM-1263512-1056201-21.png")  # no label: skipped
+    return root
+
+
+def test_ramp_tiles_read_like_the_eo_samples_fair_tiles(tmp_path: Path) -> None:
+    import numpy as np
+    import pytest
+
+    ramp = _ramp_folder(tmp_path / "ramp")
+    scenes = {s.id: s for s in sources.ramp_tiles(ramp)}
+    assert sorted(scenes) == ["fair_nairobi_OAM-1263512-1056200-21", "fair_zanzibar_OAM-319295-270960-19",
+                              "fair_zanzibar_OAM-319295-270961-19"]
+    # the same ground as the EO samples' tile: same id and block, pixels through the same preparation, same mask
+    ours = scenes["fair_zanzibar_OAM-319295-270960-19"]
+    theirs = _tiles("OAM-319295-270960-19", "fair_zanzibar_OAM-319295-270960-19", (319295, 270960, 19))
+    assert ours.block == theirs.block == f"fair_zanzibar_z18_{319295 // 2}_{270960 // 2}"  # the zoom-18 parent
+    assert np.array_equal(ours.frames[0].pixels, theirs.frames[0].pixels)
+    assert np.array_equal(ours.frames[0].labels["building"], theirs.frames[0].labels["building"])
+    assert ours.gsd_m == pytest.approx(156543.034 * np.cos(np.radians(6.2)) / 2**19, rel=0.01)  # z19 at ~6 deg S
+    assert scenes["fair_nairobi_OAM-1263512-1056200-21"].block == f"fair_nairobi_z18_{1263512 // 8}_{1056200 // 8}"
+    with pytest.raises(sources.SourceError, match="not a fAIr / ramp training folder"):
+        list(sources.ramp_tiles(tmp_path))
+
+
+def test_ramp_tiles_join_train_outside_validation_blocks_and_are_credited(built: Path, tmp_path: Path) -> None:
+    from model.data.extra import main
+
+    data = tmp_path / "ds"
+    shutil.copytree(built, data)
+    tiles = json.loads((data / "tiles.json").read_text())
+    val_blocks = {t["block"] for t in tiles if t["split"] == "val"}
+    ramp = _ramp_folder(tmp_path / "ramp")
+    in_val = [s.id for s in sources.ramp_tiles(ramp) if s.block in val_blocks]
+    known = {t["id"] for t in tiles}
+    assert main(["--ramp", str(ramp), "--data", str(data), "--l1-per-tile", "1"]) == 0
+    extra = json.loads((data / "build.json").read_text())["extra"][-1]
+    added = {t["id"] for t in json.loads((data / "tiles.json").read_text())} - known
+    assert not added & set(in_val) and "fair_nairobi_OAM-1263512-1056200-21" in added
+    assert extra["tiles_skipped_val"] == len(in_val) and extra["tiles_added"] == len(added)
+    credit = (data / "ATTRIBUTION.md").read_text()
+    assert credit.count("model.data.extra --ramp") == 1 and "OpenAerialMap" in credit
+    assert main(["--ramp", str(tmp_path), "--data", str(data)]) == 2  # not a ramp folder: a clear error
