@@ -67,6 +67,7 @@ class Prediction:
     measured_choice: str | None = None  # option letter the masks support (worker/resolve.py), if any
     measured_quantity: str | None = None
     gt_ious: list[tuple[str, float]] = field(default_factory=list)  # (ground-truth label, best IoU) per gt mask
+    platform: str = "unknown"  # the item's imagery: aerial, satellite, synthetic (format.platform)
 
 
 def worker_roles(roles: list[str]) -> list[str]:
@@ -105,7 +106,7 @@ def score(item: BenchItem, raw: RawAnswer, grounding: bool, injection: str) -> P
                       bool(item.answer) and choice == item.answer.upper(),
                       float(np.mean([s for _, s in per_gt])) if per_gt else None, len(raw.masks),
                       raw.seconds, raw.text, raw.error, str(letter).upper() if letter else None,
-                      measured.get("quantity"), per_gt)
+                      measured.get("quantity"), per_gt, item.platform)
 
 
 def measured_predictions(preds: list[Prediction]) -> list[Prediction]:
@@ -279,6 +280,8 @@ class Summary:
     resolved: int | None = None  # measured mode: questions the worker resolved (the others count as wrong)
     per_label_iou: dict[str, float] = field(default_factory=dict)  # ground-truth mask label -> mean best IoU
     label_counts: dict[str, int] = field(default_factory=dict)
+    # label -> platform -> (mean best IoU, masks), for benches that name their imagery ("sensor")
+    platform_label_iou: dict[str, dict[str, tuple[float, int]]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -297,9 +300,11 @@ def summarize(preds: list[Prediction], measured: bool = False) -> Summary:
     corr = [p.iou for p in preds if p.iou is not None and p.correct]
     inc = [p.iou for p in preds if p.iou is not None and not p.correct]
     by_label: dict[str, list[float]] = defaultdict(list)
+    by_platform: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for p in preds:
         for label, value in p.gt_ious:
             by_label[label].append(value)
+            by_platform[label][p.platform].append(value)
     labels = sorted(by_label, key=lambda k: (-len(by_label[k]), k))
     return Summary(
         n=len(preds), per_task=per_task, macro_accuracy=float(np.mean(list(per_task.values()))) if per_task else 0.0,
@@ -312,4 +317,6 @@ def summarize(preds: list[Prediction], measured: bool = False) -> Summary:
         resolved=sum(bool(p.choice) for p in preds) if measured else None,
         per_label_iou={k: float(np.mean(by_label[k])) for k in labels},
         label_counts={k: len(by_label[k]) for k in labels},
+        platform_label_iou={k: {pf: (float(np.mean(v)), len(v)) for pf, v in sorted(by_platform[k].items())}
+                            for k in labels},
     )

@@ -3,7 +3,11 @@
     {"id": str, "task": "CA|AQ|CR|BRD|DM|BCE|COUNT",
      "images": [{"path": str, "role": "optical|sar|pre|post|t0|t1|..."}],
      "question": str, "choices": ["A. ...", ...], "answer": "A",
-     "gt_masks": [{"path": str, "label": str}]}          # optional; other keys are ignored
+     "gt_masks": [{"path": str, "label": str}],         # optional
+     "sensor": "aerial RGB"}                              # optional: the imagery; other keys are ignored
+
+``sensor`` lets the report split mask IoU by platform (aerial, satellite, synthetic; ``platform``): the issue's
+building-mask target is about aerial tiles, and a satellite tile's buildings are a different problem.
 """
 
 from __future__ import annotations
@@ -20,6 +24,18 @@ TASK_NAMES = {
     "BRD": "boundary relationship", "DM": "distance measurement", "BCE": "building change", "COUNT": "counting",
 }
 _CHOICE = re.compile(r"^[A-D]\. ")
+
+
+_AERIAL = re.compile(r"\b(aerial|drone|uav|airborne)\b", re.IGNORECASE)
+
+
+def platform(sensor: str | None) -> str:
+    """"aerial" (aircraft, drone), "synthetic", "satellite" (any other named sensor) or "unknown"."""
+    if not sensor:
+        return "unknown"
+    if "synthetic" in sensor.lower():
+        return "synthetic"
+    return "aerial" if _AERIAL.search(sensor) else "satellite"
 
 
 class BenchFormatError(ValueError):
@@ -47,6 +63,11 @@ class BenchItem:
     choices: list[str]
     answer: str
     gt_masks: list[GtMask] = field(default_factory=list)
+    sensor: str | None = None  # the imagery ("aerial RGB", "WorldView-2 pan", ...), when the bench says
+
+    @property
+    def platform(self) -> str:
+        return platform(self.sensor)
 
     @property
     def letters(self) -> list[str]:
@@ -60,6 +81,8 @@ class BenchItem:
                "question": self.question, "choices": self.choices, "answer": self.answer}
         if self.gt_masks:
             out["gt_masks"] = [{"path": rel(m.path), "label": m.label} for m in self.gt_masks]
+        if self.sensor:
+            out["sensor"] = self.sensor
         return out
 
 
@@ -109,7 +132,10 @@ def parse_item(obj: object, base: Path, where: str, check_files: bool = True) ->
         if check_files and not path.is_file():
             raise BenchFormatError(f"{w}: mask file {path} not found")
         gts.append(GtMask(path, str(m.get("label", ""))))
-    return BenchItem(iid, task, images, question, choices, answer, gts)
+    sensor = obj.get("sensor")
+    if sensor is not None and not isinstance(sensor, str):
+        raise BenchFormatError(f"{where}: 'sensor' must be a string like \"aerial RGB\", got {sensor!r}")
+    return BenchItem(iid, task, images, question, choices, answer, gts, sensor or None)
 
 
 def read_bench(path: str | Path, check_files: bool = True) -> list[BenchItem]:

@@ -143,7 +143,7 @@ def generate(data: Path, split: str, out: Path, seed: int = 0, per_task_per_scen
                         images.append(BenchImage(copied[fr], role))
                     gts = [GtMask(base / masks.put(facts.mask(sg.frame, sg.name)), sg.label) for sg in rec.segs]
                     items.append(BenchItem(f"{task}/{rec.id}", task, images, rec.question, list(rec.choices or []),
-                                           rec.answer, gts))
+                                           rec.answer, gts, tile.get("sensor") or None))
     items = balance_yes_no(items, rng)
     write_bench(out, items)
     return items

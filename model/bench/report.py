@@ -52,6 +52,16 @@ def markdown(title: str, runs: dict[str, Summary], meta: dict) -> str:
                   "| ground-truth label | masks | mean IoU |", "|---|---|---|"]
         lines += [f"| {k} | {first.label_counts.get(k, 0)} | {_f(v)} |" for k, v in first.per_label_iou.items()]
         lines.append("")
+    split = {k: v for k, v in first.platform_label_iou.items() if len(v) > 1}
+    if split:
+        platforms = sorted({pf for v in split.values() for pf in v})
+        lines += ["The same, by the imagery's platform (the bench's `sensor` key), for labels seen on several:", "",
+                  "| ground-truth label | " + " | ".join(f"{pf}: masks, IoU" for pf in platforms) + " |",
+                  "|---|" + "---|" * len(platforms)]
+        for k, v in split.items():
+            cells = [f"{v[pf][1]}, {_f(v[pf][0])}" if pf in v else "–" for pf in platforms]
+            lines.append(f"| {k} | " + " | ".join(cells) + " |")
+        lines.append("")
     if "measured" in runs:
         lines.append("*measured*: the option that the worker's own measurements of the grounded run's masks support "
                      "(`done.measured_choice`, worker/resolve.py: coverage, area, count, distance, adjacency, change "

@@ -34,10 +34,11 @@ def test_bench_uses_only_held_back_real_tiles(bench: Path, built: Path) -> None:
     items = read_bench(bench)
     assert len(items) >= 20
     assert {i.task for i in items} <= set(TASKS) and {"CA", "AQ", "COUNT", "CR", "BCE"} <= {i.task for i in items}
-    val = {t["id"] for t in load_tiles(built, "val") if t["origin"] in ("real", "edited")}
+    val = {t["id"]: t for t in load_tiles(built, "val") if t["origin"] in ("real", "edited")}
     for it in items:
         scene = it.id.split("/")[1]
         assert scene in val, it.id
+        assert it.sensor == val[scene]["sensor"]  # the imagery, for IoU by platform
         assert len(it.choices) == (2 if it.task in ("CR", "BRD") else 4)
         assert it.answer in it.letters and it.gt_masks
         texts = [N.option_text(c) for c in it.choices]
@@ -201,8 +202,31 @@ def test_both_grounding_modes_are_reported(tmp_path: Path, capsys: pytest.Captur
     assert json.loads(captured.out.strip().splitlines()[-1])["macro_accuracy"] == pytest.approx(0.5)
 
 
+def test_mask_iou_is_split_by_the_imagery_platform(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The issue's building target is about aerial tiles: the report splits each label's IoU by platform."""
+    from model.bench.format import platform
+
+    assert [platform(s) for s in ("aerial RGB", "drone RGB", "WorldView-2 pan", "Sentinel-2 L2A",
+                                  "synthetic 0.5 m aerial", None)] == \
+        ["aerial", "aerial", "satellite", "satellite", "synthetic", "unknown"]
+    path = _tiny_bench(tmp_path)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    for row, sensor in zip(rows, ("aerial RGB", "WorldView-2 pan", None, "drone RGB")):
+        if sensor:
+            row["sensor"] = sensor
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "report"
+    assert cli.main([str(path), "--recorded", str(tmp_path / "rec.jsonl"), "--ground", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())["runs"]["grounded"]
+    # "x": q0 (aerial, IoU 1), q1 (satellite, 0.5), q3 (drone = aerial, 1); "y": q2, no sensor
+    assert res["platform_label_iou"] == {"x": {"aerial": [1.0, 2], "satellite": [0.5, 1]}, "y": {"unknown": [0.0, 1]}}
+    report = (out / "report.md").read_text()
+    assert "| ground-truth label | aerial: masks, IoU | satellite: masks, IoU |" in report
+    assert "| x | 2, 1.000 | 1, 0.500 |" in report and "| y |" not in report.split("by the imagery")[1]
+
+
 @pytest.mark.parametrize(("patch", "message"), [
-    ({"answer": "E"}, "not one of the choices"), ({"task": "XX"}, "is not one of"),
+    ({"answer": "E"}, "not one of the choices"), ({"sensor": 3}, "'sensor' must be a string"), ({"task": "XX"}, "is not one of"),
     ({"choices": ["A. 1"]}, "2-4 strings"), ({"images": []}, "'images' is empty"),
     ({"images": [{"path": "missing.tif"}]}, "not found"), ({"choices": ["B. 1", "A. 2"]}, "lettered A, B"),
 ])
